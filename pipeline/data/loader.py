@@ -1,0 +1,104 @@
+"""Batches of (input, target) windows from a packed token array.
+
+Batch k is a pure function of (seed, k, rank): random window offsets drawn from
+`default_rng([seed, k, rank])`. So the loader's whole state is one integer (`position`), a
+checkpoint restores it exactly, and data-parallel ranks never draw the same windows.
+A background thread prepares the next batches (pinned memory, non-blocking copies on CUDA).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+
+def check_window(tokens: np.ndarray, seq_len: int, split: str) -> None:
+    if len(tokens) < seq_len + 1:
+        raise UserError(f"the {split} split has {len(tokens)} tokens but one training window needs "
+                        f"{seq_len + 1}; give more text or a smaller seq_len")
+
+
+class BatchLoader:
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, device: str | torch.device = "cpu", prefetch: int = 4):
+        check_window(tokens, seq_len, "train")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.seed, self.rank = seed, rank
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.position = 0          # index of the next batch handed out
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def make_batch(self, k: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = batch_size or self.batch_size
+        rng = np.random.default_rng([self.seed, k, self.rank])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=bs)
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        window = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return window[:, :-1], window[:, 1:]
+
+    # --- prefetching iterator --------------------------------------------------------------
+    def _worker(self, start: int) -> None:
+        k = start
+        pin = self.device.type == "cuda"
+        while not self._stop.is_set():
+            x, y = self.make_batch(k)
+            if pin:
+                x, y = x.pin_memory(), y.pin_memory()
+            while not self._stop.is_set():
+                try:
+                    self._queue.put((k, x, y), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            k += 1
+
+    def _start(self) -> None:
+        self.close()
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(target=self._worker, args=(self.position,), daemon=True)
+        self._thread.start()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._start()
+        k, x, y = self._queue.get()
+        assert k == self.position, "prefetch order broken"
+        self.position += 1
+        nb = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.position, self.seed = int(state["position"]), int(state["seed"])
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None):
+    """Non-overlapping windows in order over a split (deterministic; the same every evaluation)."""
+    check_window(tokens, seq_len, "validation")
+    n = len(tokens) - 1
+    if max_tokens:
+        n = min(n, max_tokens)
+    n_windows = max(1, n // seq_len)
+    starts = np.arange(n_windows) * seq_len
+    for i in range(0, n_windows, batch_size):
+        s = starts[i:i + batch_size]
+        idx = s[:, None] + np.arange(seq_len + 1)[None, :]
+        window = torch.from_numpy(tokens[idx].astype(np.int64))
+        yield window[:, :-1], window[:, 1:]

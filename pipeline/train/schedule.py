@@ -1,0 +1,42 @@
+"""Learning-rate schedules that run on progress ∈ [0, 1] toward the deadline.
+
+progress = seconds used / seconds allowed (or tokens seen / tokens allowed), so the decay
+reaches zero exactly when the budget ends, whatever the step time turns out to be
+(budgeted training, Li et al. 2020; "straight to zero", Bergsma et al. 2025).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+def lr_multiplier(progress: float, schedule: str = "linear", warmup_frac: float = 0.02,
+                  decay_frac: float = 0.2) -> float:
+    p = min(max(progress, 0.0), 1.0)
+    if warmup_frac > 0 and p < warmup_frac:
+        return p / warmup_frac
+    if schedule == "linear":
+        return max(0.0, (1.0 - p) / (1.0 - warmup_frac))
+    # warmup-stable-decay with a (1 - sqrt) cooldown (Hägele et al. 2024)
+    start = 1.0 - decay_frac
+    if p < start:
+        return 1.0
+    return max(0.0, 1.0 - math.sqrt((p - start) / decay_frac))
+
+
+@dataclass
+class Budget:
+    """How long the run may train: wall-clock seconds (the product) or tokens (reproducible)."""
+    seconds: float | None = None
+    tokens: int | None = None
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+
+    def __post_init__(self):
+        if (self.seconds is None) == (self.tokens is None):
+            raise ValueError("give exactly one of seconds or tokens")
+
+    @property
+    def timed(self) -> bool:
+        return self.seconds is not None
