@@ -16,7 +16,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hub-split", default="train")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json, folder or hub name (default: train BPE)")
     g.add_argument("--vocab-size", type=int, default=None)
-    g.add_argument("--val-fraction", type=float, default=0.01)
+    g.add_argument("--val-fraction", type=float, default=0.02)
     g.add_argument("--max-tokens", type=int, default=None, help="cap on training tokens prepared")
     g.add_argument("--cache-dir", default=None)
 

@@ -37,7 +37,7 @@ class DataSettings:
     hub_split: str = "train"
     tokenizer: str | None = None       # None: train a byte-level BPE on the training split
     vocab_size: int | None = None      # None: chosen from the corpus size
-    val_fraction: float = 0.01
+    val_fraction: float = 0.02
     seed: int = 0
     max_tokens: int | None = None      # cap on training tokens to prepare (hub streams, big corpora)
     cache_dir: str | None = None       # None: the user cache dir (PUFFERFISH_CACHE overrides)

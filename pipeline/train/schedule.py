@@ -32,6 +32,7 @@ class Budget:
     seconds: float | None = None
     tokens: int | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    start: float | None = None   # clock() value the deadline counts from (None: when training starts)
 
     def __post_init__(self):
         if (self.seconds is None) == (self.tokens is None):

@@ -1,0 +1,479 @@
+"""The training engine. One engine serves the short calibration trials and the full run, so
+what calibration measures is exactly what the full run executes.
+
+A run trains until its budget (seconds or tokens) is spent. With a time budget, the cost of the
+final evaluation and save is measured up front and reserved, the learning rate follows
+progress = seconds used / seconds allowed, and the last optimizer step lands at the deadline.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model.config import flops_per_token, param_counts
+from model.hf import export_hf, exportable, save_native
+from model.llama import Transformer
+from pipeline.data.cache import PreparedData, bits_per_byte
+from pipeline.data.loader import BatchLoader, check_window, eval_batches
+from pipeline.errors import UserError
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import RunConfig
+from pipeline.train.schedule import Budget, lr_multiplier
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, run_dir: Path | None):
+        super().__init__(f"interrupted; resume with: python -m pipeline.train --resume {run_dir}")
+        self.run_dir = run_dir
+
+
+class Diverged(UserError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0          # steady state: warm-up/compile steps excluded
+    step_time_s: float = 0.0
+    compile_s: float = 0.0             # first step's extra time over a steady step
+    peak_memory_bytes: int = 0
+    mfu: float | None = None
+    final_val_loss: float | None = None
+    final_val_bpb: float | None = None
+    loss_trace: list = field(default_factory=list)   # (elapsed seconds, train loss)
+    stopped: str = ""                  # deadline | tokens | steps | diverged
+    nan_rollbacks: int = 0
+    oom_halvings: int = 0
+    micro_batch: int = 0
+    reserve_s: float = 0.0
+    final_eval_s: float = 0.0
+    save_s: float = 0.0
+    model_dir: str | None = None
+    run_dir: str | None = None
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: norms, biases and balancing buffers are never decayed.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, data: PreparedData, budget: Budget, *,
+                 run_dir: Path | None = None, device: str | None = None, tracker=None,
+                 resume: bool = False, trial: bool = False, peak_flops: float | None = None,
+                 log: Callable[[str], None] = print, loss_hook: Callable | None = None,
+                 stop_after_steps: int | None = None, progress: bool = True,
+                 log_every_s: float = 5.0, model_init: Path | None = None):
+        cfg.validate()
+        self.cfg, self.data, self.budget = cfg, data, budget
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.trial = trial                  # calibration: no checkpoints, no final eval, OOM raises
+        self.device = pick_device(device)
+        self.tracker, self.log, self.loss_hook = tracker, log, loss_hook
+        self.stop_after_steps, self.show_progress, self.log_every_s = stop_after_steps, progress, log_every_s
+        self.peak_flops = peak_flops
+        tc = cfg.train
+        if exportable(cfg.model) and not trial:
+            import transformers  # noqa: F401  (seconds to import: pay it now, not after the deadline)
+        if data.vocab_size > cfg.model.vocab_size:
+            raise UserError(f"the tokenizer has {data.vocab_size} tokens but model.vocab_size is "
+                            f"{cfg.model.vocab_size}; set model.vocab_size ≥ {data.vocab_size}")
+        check_window(data.tokens("val"), tc.seq_len, "validation")
+        torch.manual_seed(tc.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        if model_init is not None:
+            from safetensors.torch import load_file
+            self.model.load_state_dict(load_file(str(model_init), device=str(self.device)))
+        self.optimizer = build_optimizer(self.model, tc)
+        self.amp_dtype = autocast_dtype(tc.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.micro_batch = tc.micro_batch
+        self.accum = tc.accumulation
+        self.loader = BatchLoader(data.tokens("train"), tc.seq_len, self.micro_batch, seed=tc.seed,
+                                  device=self.device)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed_before = 0.0          # training seconds spent by earlier processes (resume)
+        self.lr_scale = 1.0
+        self.failures_since_checkpoint = 0
+        self.result = TrainResult(run_dir=str(self.run_dir) if self.run_dir else None)
+        self._stop_signal: int | None = None
+        self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir and not trial else None
+        if self.ckpt_root is not None:
+            self._check_writable(self.ckpt_root)
+        if resume:
+            self._resume()
+
+    # --- setup helpers ---------------------------------------------------------------------
+    @staticmethod
+    def _check_writable(folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"checkpoint folder {folder} is not writable ({exc.strerror}); "
+                            "choose another --out") from exc
+
+    def _resume(self) -> None:
+        last = ckpt.latest(self.ckpt_root) if self.ckpt_root else None
+        if last is None:
+            raise UserError(f"{self.run_dir} holds no checkpoint to resume from")
+        state = ckpt.load(last, self.model, self.optimizer, self.device)
+        if state.get("config_fingerprint") != self.cfg.fingerprint():
+            raise UserError(f"{last} belongs to a different config; resume without --config or "
+                            "start a new run folder")
+        self._restore_state(state)
+        self.log(f"resumed from {last.name}: step {self.step}, {self.tokens:,} tokens, "
+                 f"{self.elapsed_before:.1f}s already trained")
+
+    def _restore_state(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.elapsed_before = state["elapsed_s"]
+        self.lr_scale = state.get("lr_scale", 1.0)
+        if state.get("micro_batch", self.micro_batch) != self.micro_batch:
+            self._set_micro_batch(state["micro_batch"])
+        self.loader.load_state_dict(state["loader"])
+        self.result.nan_rollbacks = state.get("nan_rollbacks", 0)
+
+    def _set_micro_batch(self, micro: int) -> None:
+        total = self.micro_batch * self.accum
+        self.micro_batch, self.accum = micro, max(1, total // micro)
+        self.loader.close()
+        self.loader.batch_size = micro
+
+    # --- time ------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self.elapsed_before + self.budget.clock() - self._t0
+
+    def progress(self, reserve: float) -> float:
+        if self.budget.timed:
+            return self.elapsed() / max(1e-9, self.budget.seconds - reserve)
+        return self.tokens / self.budget.tokens
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.accum * self.cfg.train.seq_len
+
+    # --- one optimizer step ----------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, lr: float) -> tuple[float, float]:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        total = 0.0
+        for _ in range(self.accum):
+            x, y = self.loader.next()
+            with self._autocast():
+                loss = self.forward(x, y).loss / self.accum
+            if self.loss_hook is not None:
+                loss = self.loss_hook(self, loss)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        loss_value = float(total)
+        if math.isfinite(loss_value):
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.model.update_router_bias()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value, float(grad_norm)
+
+    # --- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, max_tokens: int) -> tuple[float, float, int]:
+        """Mean validation loss (nats/token), bits per byte, tokens evaluated."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in eval_batches(self.data.tokens("val"), self.cfg.train.seq_len,
+                                 self.micro_batch, max_tokens):
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                loss = self.model(x, y).loss
+            total += float(loss) * y.numel()
+            count += y.numel()
+        mean = total / count
+        bpb = bits_per_byte(mean, count, count * self.data.bytes_per_token("val"))
+        return mean, bpb, count
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
+                "lr_scale": self.lr_scale, "micro_batch": self.micro_batch,
+                "loader": self.loader.state_dict(), "config_fingerprint": self.cfg.fingerprint(),
+                "budget_seconds": self.budget.seconds, "budget_tokens": self.budget.tokens,
+                "nan_rollbacks": self.result.nan_rollbacks,
+                "mlflow_run_id": self.tracker.id if self.tracker else None}
+
+    def save_checkpoint(self) -> float:
+        if self.ckpt_root is None:
+            return 0.0
+        t = time.monotonic()
+        ckpt.save(self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(),
+                  keep=self.cfg.train.keep_checkpoints)
+        self.failures_since_checkpoint = 0
+        return time.monotonic() - t
+
+    def _rollback(self, loss: float) -> None:
+        self.failures_since_checkpoint += 1
+        last = ckpt.latest(self.ckpt_root) if self.ckpt_root else None
+        if last is None or self.failures_since_checkpoint >= 2:
+            raise Diverged(f"training diverged (loss {loss}) at step {self.step} "
+                           f"{'twice in a row ' if last else ''}; lower train.lr (now {self.cfg.train.lr})")
+        elapsed = self.elapsed()
+        state = ckpt.load(last, self.model, self.optimizer, self.device)
+        self._restore_state(state)
+        self.elapsed_before, self._t0 = elapsed, self.budget.clock()  # wall-clock never rolls back
+        self.lr_scale = state.get("lr_scale", 1.0) * 0.5
+        self.result.nan_rollbacks += 1
+        self.log(f"warning: non-finite loss at step {self.step}; rolled back to {last.name} "
+                 f"and halved the learning rate (scale {self.lr_scale:g})")
+        if self.tracker:
+            self.tracker.log_metrics({"nan_rollbacks": self.result.nan_rollbacks}, self.step)
+
+    # --- signals ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        tc, res = self.cfg.train, self.result
+        self._t0 = self.budget.start if self.budget.start is not None else self.budget.clock()
+        res.micro_batch = self.micro_batch
+        reserve = 0.0
+        if not self.trial:
+            t = time.monotonic()
+            _, bpb0, n = self.evaluate(tc.eval_tokens)
+            per_token = (time.monotonic() - t) / n
+            val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
+            res.final_eval_s = per_token * val_tokens
+            if self.step == 0:
+                res.save_s = self.save_checkpoint()  # the rollback point, and a measured save time
+            # final work: full-split eval + a checkpoint + native and HF model folders
+            reserve = 1.2 * (res.final_eval_s + 3 * max(res.save_s, 0.05)) + 0.5
+            self._log_metrics({"val_bpb": bpb0}, force=True)
+        res.reserve_s = reserve
+        step_times: list[float] = []
+        step_est = 0.0
+        last_eval = last_ckpt = last_log = self.elapsed()
+        from pipeline.train.progress import ProgressDisplay
+
+        display = ProgressDisplay(self.budget, enabled=self.show_progress and not self.trial)
+        with self._signals(), display:
+            while True:
+                if self._stop_signal is not None:
+                    self.save_checkpoint()
+                    self.loader.close()
+                    raise Interrupted(self.run_dir)
+                if self.budget.timed:
+                    if self.elapsed() + step_est + reserve > self.budget.seconds:
+                        res.stopped = "deadline"
+                        break
+                elif self.tokens + self.tokens_per_step > self.budget.tokens:
+                    res.stopped = "tokens"
+                    break
+                if self.stop_after_steps is not None and res.steps >= self.stop_after_steps:
+                    res.stopped = "steps"
+                    break
+                p = self.progress(reserve)
+                lr = tc.lr * self.lr_scale * lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac)
+                t = time.monotonic()
+                try:
+                    loss, grad_norm = self.train_step(lr)
+                except torch.OutOfMemoryError:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.trial or self.micro_batch == 1:
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    self._set_micro_batch(self.micro_batch // 2)
+                    res.oom_halvings += 1
+                    res.micro_batch = self.micro_batch
+                    self.log(f"warning: out of memory; micro-batch halved to {self.micro_batch}, "
+                             f"accumulation doubled to {self.accum} (global batch unchanged)")
+                    continue
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.monotonic() - t
+                if not math.isfinite(loss):
+                    if self.trial:
+                        res.stopped = "diverged"
+                        res.loss_trace.append((self.elapsed(), float("inf")))
+                        break
+                    self._rollback(loss)
+                    continue
+                self.step += 1
+                res.steps += 1
+                self.tokens += self.tokens_per_step
+                step_times.append(dt)
+                step_est = dt if len(step_times) == 1 else 0.8 * step_est + 0.2 * dt
+                if len(step_times) == 1 and self.budget.timed and not self.trial:
+                    self._check_deadline_feasible(dt, reserve)
+                now = self.elapsed()
+                res.loss_trace.append((round(now, 3), loss))
+                display.update(self, loss, step_times)
+                if now - last_log >= self.log_every_s or res.steps <= 1:
+                    last_log = now
+                    self._log_metrics({"loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                       "tokens_per_s": self._tps(step_times),
+                                       "memory_bytes": peak_memory(self.device),
+                                       "mfu": self._mfu(self._tps(step_times))})
+                if not self.trial and now - last_eval >= tc.eval_every_s:
+                    last_eval = now
+                    val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
+                    self._log_metrics({"val_loss": val_loss, "val_bpb": bpb}, force=True)
+                    display.note(f"step {self.step}: val bpb {bpb:.4f}")
+                if not self.trial and now - last_ckpt >= tc.checkpoint_every_s:
+                    last_ckpt = now
+                    res.save_s = max(res.save_s, self.save_checkpoint())
+        self.loader.close()
+        self._finish(step_times)
+        return res
+
+    def _check_deadline_feasible(self, step_s: float, reserve: float) -> None:
+        needed = self.elapsed() + step_s + reserve
+        if needed > self.budget.seconds and self.step <= 1:
+            raise UserError(f"the deadline ({self.budget.seconds:.0f}s) is shorter than one step "
+                            f"({step_s:.1f}s) plus the reserved final evaluation and save "
+                            f"({reserve:.1f}s); give at least {math.ceil(needed * 1.5)}s")
+
+    def _tps(self, step_times: list[float]) -> float:
+        # Steady state: drop the first steps (allocation warm-up, torch.compile).
+        warm = min(len(step_times) - 1, max(2, len(step_times) // 10))
+        steady = step_times[warm:] if warm > 0 else step_times
+        return self.tokens_per_step * len(steady) / max(1e-9, sum(steady))
+
+    def _mfu(self, tps: float) -> float | None:
+        if not self.peak_flops:
+            return None
+        return tps * flops_per_token(self.cfg.model, self.cfg.train.seq_len) / self.peak_flops
+
+    def _log_metrics(self, metrics: dict, force: bool = False) -> None:
+        load = self.model.expert_load()
+        if load is not None:
+            mean_load = load.mean(0)
+            metrics["expert_load_max_over_mean"] = float(load.max() / load.mean())
+            metrics.update({f"expert_load.e{i}": float(v) for i, v in enumerate(mean_load)})
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.step)
+
+    def _finish(self, step_times: list[float]) -> None:
+        res, tc = self.result, self.cfg.train
+        res.tokens, res.elapsed_s = self.tokens, self.elapsed()
+        if step_times:
+            res.tokens_per_s = self._tps(step_times)
+            res.step_time_s = statistics.median(step_times)
+            res.compile_s = max(0.0, step_times[0] - res.step_time_s)
+        res.peak_memory_bytes = peak_memory(self.device)
+        res.mfu = self._mfu(res.tokens_per_s)
+        if self.trial:
+            return
+        self.save_checkpoint()
+        if res.stopped == "steps":
+            return
+        t = time.monotonic()
+        res.final_val_loss, res.final_val_bpb, _ = self.evaluate(tc.final_eval_tokens)
+        res.final_eval_s = time.monotonic() - t
+        if self.run_dir is not None:
+            res.model_dir = str(self.save_model(self.run_dir / "model"))
+        res.elapsed_s = self.elapsed()
+        self._log_metrics({"final_val_bpb": res.final_val_bpb, "final_val_loss": res.final_val_loss,
+                           "tokens_per_s": res.tokens_per_s, "train_tokens": res.tokens,
+                           "elapsed_s": res.elapsed_s}, force=True)
+        self.log(f"finished: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tok/s, "
+                 f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s")
+
+    def save_model(self, folder: Path) -> Path:
+        """The final model folder: native weights + config, tokenizer, and the HF export."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_native(self.model, folder / "native")
+        tok = self.data.tokenizer()
+        tok.save_pretrained(folder / "native")
+        if exportable(self.cfg.model):
+            export_hf(self.model, folder / "hf", tokenizer=tok)
+        self.cfg.save(folder / "run.yaml")
+        return folder
+
+
+def summarize_params(cfg: RunConfig) -> dict:
+    counts = param_counts(cfg.model)
+    return {**{f"params_{k}": v for k, v in counts.items()},
+            "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len)}
+
+
+def result_dict(res: TrainResult) -> dict:
+    d = asdict(res)
+    d["loss_trace"] = d["loss_trace"][-200:]
+    return d

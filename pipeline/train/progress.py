@@ -1,0 +1,45 @@
+"""A rich progress display for a run: tokens/s, loss and the time left to the deadline."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+
+
+class ProgressDisplay:
+    def __init__(self, budget, enabled: bool = True):
+        self.budget = budget
+        self.console = Console(stderr=True)
+        # Off the terminal (CI, pipes, Ray workers) a live bar is noise: print notes only.
+        self.enabled = enabled and self.console.is_terminal
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(),
+                                 TextColumn("{task.percentage:>5.1f}%"),
+                                 TextColumn("{task.fields[tps]:>9} tok/s  loss {task.fields[loss]:>7}"
+                                            "  left {task.fields[left]}"),
+                                 console=self.console, disable=not self.enabled)
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        total = self.budget.seconds if self.budget.timed else self.budget.tokens
+        self.task = self.progress.add_task("train", total=total, tps="-", loss="-", left="-")
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, trainer, loss: float, step_times: list[float]) -> None:
+        if not self.enabled:
+            return
+        tps = trainer.tokens_per_step / max(1e-9, step_times[-1])
+        if self.budget.timed:
+            done = trainer.elapsed()
+            left = max(0.0, self.budget.seconds - done)
+        else:
+            done = trainer.tokens
+            left = (self.budget.tokens - done) / max(tps, 1e-9)
+        m, s = divmod(int(left), 60)
+        self.progress.update(self.task, completed=done, tps=f"{tps:,.0f}", loss=f"{loss:.4f}",
+                             left=f"{m}:{s:02d}")
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
