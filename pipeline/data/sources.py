@@ -116,18 +116,20 @@ def _count_and_replace(exc: UnicodeDecodeError):
 
 
 codecs.register_error("pufferfish-count", _count_and_replace)
+_CONTROL_BYTES = bytes(c for c in range(32) if chr(c) not in "\t\n\r\f")
 
 
 def read_text_file(path: Path) -> tuple[str, int]:
     raw = path.read_bytes()
     _bad_bytes[0] = 0
     text = raw.decode("utf-8", errors="pufferfish-count")
-    nul = raw.count(b"\x00")  # NUL bytes decode "fine" but only ever appear in binary files
-    bad = _bad_bytes[0] + nul
+    # C0 control bytes (other than tab/newlines/form feed) decode "fine" but mark binary data.
+    control = len(raw) - len(raw.translate(None, _CONTROL_BYTES))
+    bad = _bad_bytes[0] + control
     if raw and bad / len(raw) > MAX_BAD_BYTE_SHARE:
         raise UserError(f"{path} is not UTF-8 text ({bad} of {len(raw)} bytes are invalid); "
                         "convert it to UTF-8 or leave it out of --data")
-    return text.replace("\x00", ""), bad
+    return text.translate({c: None for c in _CONTROL_BYTES}), bad
 
 
 def expand_local(spec: str) -> list[Path]:
@@ -189,6 +191,27 @@ def _check_field(columns, text_field: str, what: str) -> None:
 
 # --- Hugging Face hub ------------------------------------------------------------------------
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds instead of
+    after the hub client's minute of retries. HF_HUB_OFFLINE=1 skips it (cached datasets)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_unreachable_error(what: str, fix: str) -> UserError:
+    return UserError(f"{what} could not be reached (no connection to the Hugging Face hub); {fix}")
+
+
 @dataclass
 class HubSource(Source):
     name: str = ""
@@ -203,6 +226,8 @@ class HubSource(Source):
     def documents(self, max_bytes=None):
         import datasets
 
+        if not Path(self.name).exists() and not hub_reachable():
+            raise hub_unreachable_error(f"dataset {self.name}", "pass local files with --data PATH")
         datasets.disable_progress_bars()
         try:
             ds = datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)

@@ -56,6 +56,12 @@ def load_pretrained(name_or_path: str):
     from transformers import AutoTokenizer
 
     path = Path(name_or_path).expanduser()
+    if not path.exists():
+        from pipeline.data.sources import hub_reachable, hub_unreachable_error
+
+        if not hub_reachable():
+            raise hub_unreachable_error(f"tokenizer {name_or_path}",
+                                        "pass a local tokenizer.json or folder with --tokenizer")
     try:
         if path.is_file() and path.name.endswith(".json"):
             from tokenizers import Tokenizer

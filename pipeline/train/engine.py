@@ -339,6 +339,8 @@ class Trainer:
                     raise Interrupted(self.run_dir)
                 if self.budget.timed:
                     if self.elapsed() + step_est + reserve > self.budget.seconds:
+                        if res.steps == 0 and not self.trial:
+                            self._deadline_error(None, reserve)
                         res.stopped = "deadline"
                         break
                 elif self.tokens + self.tokens_per_step > self.budget.tokens:
@@ -403,11 +405,16 @@ class Trainer:
         return res
 
     def _check_deadline_feasible(self, step_s: float, reserve: float) -> None:
-        needed = self.elapsed() + step_s + reserve
-        if needed > self.budget.seconds and self.step <= 1:
-            raise UserError(f"the deadline ({self.budget.seconds:.0f}s) is shorter than one step "
-                            f"({step_s:.1f}s) plus the reserved final evaluation and save "
-                            f"({reserve:.1f}s); give at least {math.ceil(needed * 1.5)}s")
+        if self.elapsed() + step_s + reserve > self.budget.seconds:
+            self._deadline_error(step_s, reserve)
+
+    def _deadline_error(self, step_s: float | None, reserve: float) -> None:
+        needed = self.elapsed() + (step_s or 0.0) + reserve
+        step = f"one step ({step_s:.1f}s)" if step_s else "set-up"
+        self.loader.close()
+        raise UserError(f"the deadline ({self.budget.seconds:.1f}s) is shorter than {step} plus the "
+                        f"reserved final evaluation and save ({reserve:.1f}s); give at least "
+                        f"{math.ceil(needed * 1.5 + 1)}s")
 
     def _tps(self, step_times: list[float]) -> float:
         # Steady state: drop the first steps (allocation warm-up, torch.compile).

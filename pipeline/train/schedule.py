@@ -15,6 +15,8 @@ from typing import Callable
 def lr_multiplier(progress: float, schedule: str = "linear", warmup_frac: float = 0.02,
                   decay_frac: float = 0.2) -> float:
     p = min(max(progress, 0.0), 1.0)
+    if p >= 1.0:
+        return 0.0
     if warmup_frac > 0 and p < warmup_frac:
         return p / warmup_frac
     if schedule == "linear":

@@ -1,0 +1,263 @@
+"""The training engine: learning, the deadline-tied schedule, checkpoints, resume, failures."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from pipeline.errors import UserError
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.config import ConfigError, RunConfig, apply_overrides
+from pipeline.train.engine import Diverged, Interrupted, Trainer
+from pipeline.train.schedule import Budget, lr_multiplier
+
+
+def quiet(*_):
+    pass
+
+
+def make(tiny_data, budget, run_dir=None, **kw):
+    cfg = kw.pop("cfg", None) or tiny_run_config()
+    return Trainer(cfg, tiny_data, budget, run_dir=run_dir, progress=False, log=kw.pop("log", quiet), **kw)
+
+
+def test_tiny_model_learns_and_validation_bpb_falls(tiny_data, tmp_path):
+    t = make(tiny_data, Budget(tokens=120 * 1024), run_dir=tmp_path)
+    _, bpb_before, _ = t.evaluate(4096)
+    res = t.run()
+    assert res.stopped == "tokens" and res.steps == 120
+    assert res.final_val_bpb < 0.8 * bpb_before
+    assert (tmp_path / "model" / "hf" / "config.json").is_file()
+    assert (tmp_path / "model" / "native" / "tokenizer.json").is_file()
+
+
+def test_schedule_function_shapes():
+    assert lr_multiplier(0.0, warmup_frac=0.1) == 0.0
+    assert lr_multiplier(0.1, warmup_frac=0.1) == pytest.approx(1.0)
+    assert lr_multiplier(0.55, warmup_frac=0.1) == pytest.approx(0.5)
+    assert lr_multiplier(1.0) == 0.0 and lr_multiplier(1.3) == 0.0
+    assert lr_multiplier(0.5, "wsd", 0.0, 0.2) == 1.0
+    assert lr_multiplier(0.9, "wsd", 0.0, 0.2) == pytest.approx(1 - (0.5 ** 0.5))
+    assert lr_multiplier(1.0, "wsd", 0.0, 0.2) == 0.0
+
+
+def test_time_schedule_reaches_zero_at_the_deadline_with_a_fake_clock(tiny_data):
+    now = [0.0]
+    lrs = []
+
+    def tick(trainer, loss):  # every micro-step "takes" 2 seconds of fake time
+        now[0] += 2.0
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return loss
+
+    t = make(tiny_data, Budget(seconds=100.0, clock=lambda: now[0]), trial=True, loss_hook=tick)
+    res = t.run()
+    assert res.stopped == "deadline"
+    assert 95.0 <= now[0] <= 100.0                 # the last step ended at the deadline, not after
+    peak = max(lrs)
+    assert lrs[-1] < 0.05 * peak                    # and its learning rate had decayed to ~zero
+    assert lrs == sorted(lrs[: lrs.index(peak) + 1]) + lrs[lrs.index(peak) + 1:]
+
+
+def test_resume_is_bitwise_identical_on_cpu(tiny_data, tmp_path):
+    budget = Budget(tokens=16 * 1024)
+    straight = make(tiny_data, budget, run_dir=tmp_path / "a")
+    straight.run()
+    first = make(tiny_data, budget, run_dir=tmp_path / "b", stop_after_steps=8)
+    assert first.run().stopped == "steps"
+    resumed = make(tiny_data, budget, run_dir=tmp_path / "b", resume=True)
+    assert resumed.step == 8
+    resumed.run()
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crash_mid_checkpoint_leaves_previous_loadable(tiny_data, tmp_path, monkeypatch):
+    t = make(tiny_data, Budget(tokens=4 * 1024), run_dir=tmp_path)
+    t.run()
+    before = ckpt.latest(tmp_path / "checkpoints")
+
+    def dies(*a, **k):
+        raise OSError("disk died mid-write")
+    monkeypatch.setattr(torch, "save", dies)  # weights written, optimizer state never lands
+    t.step += 1
+    with pytest.raises(OSError):
+        t.save_checkpoint()
+    monkeypatch.undo()
+    assert ckpt.latest(tmp_path / "checkpoints") == before
+    fresh = make(tiny_data, Budget(tokens=8 * 1024), run_dir=tmp_path, resume=True)
+    assert fresh.step == 4
+
+
+def test_injected_nan_rolls_back_and_halves_lr(tiny_data, tmp_path):
+    seen = {"done": False}
+
+    def poison(trainer, loss):
+        if trainer.step == 5 and not seen["done"]:
+            seen["done"] = True
+            return loss * float("nan")
+        return loss
+
+    notes = []
+    t = make(tiny_data, Budget(tokens=10 * 1024), run_dir=tmp_path, loss_hook=poison, log=notes.append)
+    res = t.run()
+    assert res.nan_rollbacks == 1 and t.lr_scale == 0.5
+    assert any("rolled back" in n for n in notes)
+    assert res.stopped == "tokens" and torch.isfinite(torch.tensor(res.final_val_loss))
+
+
+def test_repeated_nan_ends_the_run_clearly(tiny_data, tmp_path):
+    t = make(tiny_data, Budget(tokens=10 * 1024), run_dir=tmp_path,
+             loss_hook=lambda tr, loss: loss * float("nan") if tr.step >= 2 else loss)
+    with pytest.raises(Diverged, match="lower train.lr"):
+        t.run()
+
+
+def test_oom_halves_micro_batch_and_keeps_global_batch(tiny_data, tmp_path):
+    hit = {"n": 0}
+
+    def oom_once(trainer, loss):
+        if trainer.step == 2 and hit["n"] == 0:
+            hit["n"] += 1
+            raise torch.OutOfMemoryError("simulated CUDA out of memory")
+        return loss
+
+    t = make(tiny_data, Budget(tokens=6 * 1024), run_dir=tmp_path, loss_hook=oom_once)
+    before = t.tokens_per_step
+    res = t.run()
+    assert res.oom_halvings == 1 and t.micro_batch == 4 and t.accum == 4
+    assert t.tokens_per_step == before and res.steps == 6
+
+
+def test_sigterm_in_process_writes_checkpoint_and_resumes(tiny_data, tmp_path):
+    def term(trainer, loss):
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    t = make(tiny_data, Budget(tokens=8 * 1024), run_dir=tmp_path, loss_hook=term)
+    with pytest.raises(Interrupted, match="--resume"):
+        t.run()
+    assert ckpt.read_state(ckpt.latest(tmp_path / "checkpoints"))["step"] == 4
+    res = make(tiny_data, Budget(tokens=8 * 1024), run_dir=tmp_path, resume=True).run()
+    assert res.steps == 4 and res.stopped == "tokens"
+
+
+@pytest.mark.slow
+def test_cli_sigterm_then_resume(tmp_path):
+    """The real command: SIGTERM mid-run → checkpoint, exit 130, resume finishes the run."""
+    cfg = tiny_run_config()
+    cfg.save(tmp_path / "run.yaml")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "pipeline.train", "--config", str(tmp_path / "run.yaml"),
+           "--tokens", str(400 * 1024), "--out", str(tmp_path / "run"), "--no-mlflow"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    ckdir = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 120
+    while not ckpt.latest(ckdir) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    stopped_at = ckpt.read_state(ckpt.latest(ckdir))["step"]
+    assert stopped_at > 0
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--resume", str(tmp_path / "run"),
+                          "--no-mlflow"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ckpt.read_state(ckpt.latest(ckdir))["step"] == 400
+
+
+def test_mlflow_run_holds_params_metrics_and_tags(tiny_data, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.train.run import train_run
+
+    cfg = tiny_run_config()
+    res, run_id = train_run(cfg, Budget(tokens=6 * 1024), tmp_path / "run", data=tiny_data, log=quiet)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "64" and run.data.params["train.seq_len"] == "64"
+    assert {"loss", "lr", "tokens_per_s", "val_bpb", "final_val_bpb", "grad_norm"} <= set(run.data.metrics)
+    assert run.data.tags["torch"] == torch.__version__ and "hardware" in run.data.tags
+    assert run.data.metrics["final_val_bpb"] == pytest.approx(res.final_val_bpb)
+
+
+def test_moe_run_logs_expert_load(tiny_data, tmp_path):
+    cfg = tiny_run_config()
+    cfg.model.n_experts, cfg.model.top_k = 4, 2
+    cfg.model.moe_ffn_hidden = 64
+    logged = []
+
+    class Recorder:
+        id = "x"
+
+        def log_metrics(self, metrics, step):
+            logged.append(metrics)
+    t = make(tiny_data, Budget(tokens=4 * 1024), run_dir=tmp_path, cfg=cfg, tracker=Recorder())
+    t.run()
+    assert any("expert_load.e3" in m and "expert_load_max_over_mean" in m for m in logged)
+    assert t.model.layers[0].mlp.route_bias.abs().sum() > 0  # the balancing bias moved
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def test_unknown_config_keys_are_named(tmp_path):
+    (tmp_path / "c.yaml").write_text("model:\n  d_model: 64\n  n_layer: 3\ntrain:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match="n_layer"):
+        RunConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("trian:\n  lr: 0.001\n")
+    with pytest.raises(ConfigError, match="trian"):
+        RunConfig.load(tmp_path / "d.yaml")
+    with pytest.raises(ConfigError, match="no key 'lrr'"):
+        apply_overrides(RunConfig(), ["train.lrr=1"])
+
+
+def test_impossible_config_is_refused():
+    with pytest.raises(ConfigError, match="seq_len"):
+        RunConfig.from_dict({"model": {"max_seq_len": 64}, "train": {"seq_len": 128}})
+
+
+def test_deadline_shorter_than_one_step_says_the_minimum(tiny_data, tmp_path):
+    with pytest.raises(UserError, match="give at least"):
+        make(tiny_data, Budget(seconds=0.01), run_dir=tmp_path).run()
+
+
+def test_unwritable_checkpoint_folder(tiny_data, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="not writable"):
+        make(tiny_data, Budget(tokens=1024), run_dir=tmp_path / "file" / "run")
+
+
+def test_resume_refuses_non_checkpoint_and_other_config(tiny_data, tmp_path):
+    from pipeline.train.run import load_resume
+
+    with pytest.raises(UserError, match="not a run folder"):
+        load_resume(tmp_path, None)
+    cfg = tiny_run_config()
+    t = make(tiny_data, Budget(tokens=2 * 1024), run_dir=tmp_path, cfg=cfg)
+    t.run()
+    cfg.save(tmp_path / "config.yaml")
+    other = tiny_run_config(lr=1e-4)
+    with pytest.raises(UserError, match="different config"):
+        load_resume(tmp_path, other)
+    with pytest.raises(UserError, match="different config"):
+        make(tiny_data, Budget(tokens=4 * 1024), run_dir=tmp_path, cfg=other, resume=True)
+
+
+def test_train_cli_refuses_existing_run_folder_and_missing_budget(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("x: 1")
+    for args, message in ([["--minutes", "1", "--out", str(tmp_path / "run")], "already holds a run"],
+                          [["--out", str(tmp_path / "new")], "give a budget"],
+                          [["--minutes", "-3"], "must be > 0"]):
+        out = subprocess.run([sys.executable, "-m", "pipeline.train", "--no-mlflow", *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 2 and message in out.stderr
+    assert (tmp_path / "run" / "config.yaml").read_text() == "x: 1"
