@@ -1,0 +1,242 @@
+"""Calibration: short trials of candidate configurations, run by Ray Tune with an Optuna sampler.
+
+Each trial runs the real training engine (`Trainer(trial=True)`) for a short window and reports
+steady-state tokens/s, peak memory, MFU and a loss trace. Out-of-memory is a result
+(status "oom", objective inf), never a crashed study. The objective Optuna minimises is the loss
+the planner would predict if this configuration were chosen for the rest of the budget, so the
+sampler concentrates where the optimum is.
+
+Trials that share a device never run concurrently: one trial per GPU, or one trial at a time
+using every core of a CPU node, because concurrent trials would distort each other's speed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+OBJECTIVE = "objective"
+
+
+@dataclass
+class TrialRecord:
+    key: str
+    candidate: dict
+    status: str                       # ok | oom | error | too_slow
+    tokens_per_s: float = 0.0
+    peak_memory_bytes: float = 0.0
+    mfu: float | None = None
+    objective: float = math.inf
+    compile_s: float = 0.0
+    steps: int = 0
+    wall_s: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    error: str | None = None
+    loss_trace: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the Ray side -----------------------------------------------------------------------------
+
+def _inject_oom(cand: dict, rule: dict | None) -> bool:
+    return bool(rule) and all(cand.get(k) == v for k, v in rule.items())
+
+
+def run_candidate(cand: dict, ctx: dict) -> dict:
+    """Run one calibration trial in this process and return its metrics (no Ray needed)."""
+    import torch
+
+    from pipeline.autotune.plan import ScalingLaw, law_params
+    from pipeline.autotune.fit import Shape
+    from pipeline.autotune.space import SearchSpace, to_run_config
+    from pipeline.data.cache import PreparedData
+    from pipeline.train.engine import Trainer
+    from pipeline.train.schedule import Budget
+
+    started = time.monotonic()
+    space = SearchSpace(**ctx["space"])
+    folder = Path(ctx["data_folder"])
+    data = PreparedData(folder, json.loads((folder / "meta.json").read_text()))
+    cfg = to_run_config(cand, space, data.vocab_size, seed=ctx.get("seed", 0))
+    out = {"status": "ok", "tokens_per_s": 0.0, "peak_memory_bytes": 0.0, "mfu": None,
+           OBJECTIVE: math.inf, "compile_s": 0.0, "steps": 0, "loss_first": None, "loss_last": None,
+           "error": None, "loss_trace": []}
+    try:
+        if _inject_oom(cand, ctx.get("inject_oom")):
+            raise torch.OutOfMemoryError("injected out-of-memory (test)")
+        trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
+                          stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
+                          log=lambda *_: None)
+        res = trainer.run()
+        out.update(tokens_per_s=res.tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
+                   mfu=res.mfu, compile_s=res.compile_s, steps=res.steps,
+                   loss_trace=[list(p) for p in res.loss_trace[-50:]])
+        if res.loss_trace:
+            out.update(loss_first=res.loss_trace[0][1], loss_last=res.loss_trace[-1][1])
+        if res.steps < 2:
+            out["status"] = "too_slow"      # not even two steps in the window: no steady state
+        elif res.stopped == "diverged":
+            out["status"] = "diverged"
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        out.update(status="oom", error=str(exc)[:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if out["status"] in ("ok", "too_slow") and out["tokens_per_s"] > 0:
+        law = ScalingLaw(**ctx.get("law", {}))
+        tokens = out["tokens_per_s"] * ctx["full_seconds"]
+        out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
+    out["wall_s"] = time.monotonic() - started
+    return out
+
+
+def trial_fn(config: dict) -> None:
+    """Ray Tune function trainable (importable by workers: it lives in the installed package)."""
+    from ray import tune
+
+    ctx = config["ctx"]
+    cand = {k: config[k] for k in ctx["space"]["choices"]}
+    metrics = run_candidate(cand, ctx)
+    metrics["status_ok"] = 1.0 if metrics["status"] == "ok" else 0.0
+    # Optuna accepts ±inf but never NaN (a NaN leaves the Optuna trial RUNNING forever).
+    if metrics[OBJECTIVE] is None or math.isnan(metrics[OBJECTIVE]):
+        metrics[OBJECTIVE] = math.inf
+    metrics["loss_trace"] = json.dumps(metrics["loss_trace"])
+    tune.report(metrics)
+
+
+# --- the driver side --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int, num_gpus: int, log=print):
+    """Connect to a cluster (`--address`) or start a small local instance; always shut down."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                     object_store_memory=300 * 1024 ** 2, log_to_driver=False)
+    except Exception as exc:
+        raise UserError(f"Ray failed to start ({str(exc).splitlines()[0][:160]}); "
+                        f"check --address{' ' + address if address else ''} and free memory") from exc
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def trial_resources(ray) -> tuple[dict, int]:
+    """(resources per trial, concurrent trials): one GPU each, or a whole CPU node each."""
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if gpus:
+        cpus = max(1, int(total.get("CPU", 1)) // gpus)
+        return {"cpu": cpus, "gpu": 1}, gpus
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node = min(int(n["Resources"].get("CPU", 1)) for n in nodes) if nodes else 1
+    return {"cpu": per_node}, max(1, len(nodes))
+
+
+def seed_points(space) -> list[dict]:
+    """Corner and centre points first, so the throughput fit sees the extremes early."""
+    lo = {k: v[0] for k, v in space.choices.items()}
+    hi = {k: v[-1] for k, v in space.choices.items()}
+    mid = {k: v[len(v) // 2] for k, v in space.choices.items()}
+    points = []
+    for p in (mid, lo, hi):
+        if p not in points:
+            points.append(p)
+    return points
+
+
+class DefineByRun:
+    """Optuna define-by-run space: one categorical per knob; constants ride along as `ctx`.
+    A class, not a closure, because Tune pickles the searcher for its experiment checkpoints."""
+
+    def __init__(self, choices: dict, ctx: dict):
+        self.choices, self.ctx = choices, ctx
+
+    def __call__(self, trial):
+        for knob, values in self.choices.items():
+            trial.suggest_categorical(knob, values)
+        return {"ctx": self.ctx}
+
+
+def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, seed: int,
+              points: list[dict] | None = None, log=print) -> list[TrialRecord]:
+    """Run the Optuna-driven Tune study for `seconds` (wall clock) and return every trial."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    choices = space.choices
+    define = DefineByRun(choices, ctx)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    searcher = OptunaSearch(define, metric=OBJECTIVE, mode="min",
+                            sampler=optuna.samplers.TPESampler(seed=seed),
+                            storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),
+                            study_name=study_name, points_to_evaluate=points or None)
+    resources, concurrent = trial_resources(ray)
+    tuner = tune.Tuner(
+        tune.with_resources(trial_fn, resources),
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=10_000,
+                                    max_concurrent_trials=concurrent, time_budget_s=max(1.0, seconds),
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(name=study_name, storage_path=str(storage.parent.resolve() / "ray"),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    return _records(grid, choices)
+
+
+def measure(cands: list[dict], ctx: dict, space, storage: Path, name: str) -> list[TrialRecord]:
+    """Measure specific candidates (e.g. the planner's choice) through the same Ray trainable."""
+    import ray
+    from ray import tune
+
+    resources, _ = trial_resources(ray)
+    records = []
+    for i, cand in enumerate(cands):
+        tuner = tune.Tuner(tune.with_resources(trial_fn, resources), param_space={"ctx": ctx, **cand},
+                           tune_config=tune.TuneConfig(num_samples=1),
+                           run_config=tune.RunConfig(name=f"{name}-{i}", verbose=0,
+                                                     storage_path=str(storage.parent.resolve() / "ray")))
+        records += _records(tuner.fit(), space.choices)
+    return records
+
+
+def _records(grid, choices: dict) -> list[TrialRecord]:
+    from pipeline.autotune.space import candidate_key
+
+    out = []
+    for result in grid:
+        cfg = result.config or {}
+        cand = {k: cfg.get(k) for k in choices}
+        if any(v is None for v in cand.values()):
+            continue  # never started (time budget ran out first)
+        m = result.metrics or {}
+        if result.error is not None or "status" not in m:
+            out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status="error",
+                                   error=str(result.error).splitlines()[-1][:300] if result.error else "no result"))
+            continue
+        trace = json.loads(m.get("loss_trace") or "[]")
+        out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status=m["status"],
+                               tokens_per_s=m["tokens_per_s"], peak_memory_bytes=m["peak_memory_bytes"],
+                               mfu=m.get("mfu"), objective=m[OBJECTIVE], compile_s=m["compile_s"],
+                               steps=m["steps"], wall_s=m.get("wall_s", 0.0), loss_first=m.get("loss_first"),
+                               loss_last=m.get("loss_last"), error=m.get("error"), loss_trace=trace))
+    return out

@@ -1,0 +1,111 @@
+"""The planner: for every candidate, the tokens it can train in the time left and the loss a
+scaling law predicts for (parameters, effective tokens); pick the lowest.
+
+A pure function of (candidates, throughput model, memory model, seconds, unique tokens, law),
+so it is tested with synthetic models (compute-optimal scaling falls out of it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from model.config import param_counts
+from pipeline.autotune.fit import Shape
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A/N^α + B/D^β. Defaults: the Epoch AI refit of Chinchilla (Besiroglu et al.
+    2024). Only the shape transfers to our tokenizer and data; the planner ranks, never promises."""
+    E: float = 1.8172
+    A: float = 482.01
+    B: float = 2085.43
+    alpha: float = 0.3478
+    beta: float = 0.3658
+    r_star: float = 15.4     # data-constrained scaling (Muennighoff et al. 2023)
+
+    def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
+        if n_params <= 0 or tokens <= 0:
+            return math.inf
+        d = effective_tokens(tokens, unique_tokens, self.r_star) if unique_tokens else tokens
+        return self.E + self.A / n_params ** self.alpha + self.B / d ** self.beta
+
+
+def effective_tokens(tokens: float, unique: float, r_star: float = 15.4) -> float:
+    """D' = U + U·R*·(1 − exp(−R/R*)), R = D/U − 1 repetitions: repeated data is worth less."""
+    if tokens <= unique:
+        return tokens
+    r = tokens / unique - 1.0
+    return unique + unique * r_star * (1.0 - math.exp(-r / r_star))
+
+
+def law_params(shape: Shape) -> int:
+    """N for the law: the parameters a token passes through (tied head counted once)."""
+    return param_counts(shape.model)["active"]
+
+
+class Throughput(Protocol):
+    def tokens_per_s(self, shape: Shape) -> float: ...
+
+
+class Memory(Protocol):
+    def bytes(self, shape: Shape) -> float: ...
+
+
+@dataclass
+class PlanRow:
+    key: str
+    candidate: dict
+    params: int
+    tokens_per_s: float
+    memory_bytes: float
+    feasible: bool
+    tokens: float
+    tokens_per_param: float
+    epochs: float
+    predicted_loss: float
+    measured: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memory: Memory,
+         seconds: float, unique_tokens: float, law: ScalingLaw = ScalingLaw(),
+         memory_limit: float = math.inf, measured: dict[str, float] | None = None) -> list[PlanRow]:
+    """Rows sorted best first (feasible before infeasible). `measured` maps candidate keys to
+    measured tokens/s, which replaces the model's prediction for those candidates."""
+    measured = measured or {}
+    rows = []
+    for key, cand, shape in candidates:
+        tps = measured.get(key) or throughput.tokens_per_s(shape)
+        mem = memory.bytes(shape)
+        n = law_params(shape)
+        tokens = max(0.0, tps * seconds)
+        feasible = mem <= memory_limit and tokens >= 1
+        rows.append(PlanRow(key=key, candidate=cand, params=n, tokens_per_s=tps, memory_bytes=mem,
+                            feasible=feasible, tokens=tokens, tokens_per_param=tokens / n,
+                            epochs=tokens / unique_tokens if unique_tokens else math.nan,
+                            predicted_loss=law.loss(n, tokens, unique_tokens) if feasible else math.inf,
+                            measured=key in measured))
+    rows.sort(key=lambda r: (not r.feasible, r.predicted_loss, r.params))
+    return rows
+
+
+def why(best: PlanRow, rows: list[PlanRow]) -> str:
+    """One sentence on why the winner won against its neighbours in size."""
+    feasible = [r for r in rows if r.feasible]
+    bigger = [r for r in feasible if r.params > best.params]
+    smaller = [r for r in feasible if r.params < best.params]
+    parts = [f"{best.params / 1e6:.2f}M params × {best.tokens / 1e6:.1f}M tokens "
+             f"({best.tokens_per_param:.1f} tokens/param, {best.epochs:.2f} epochs)"]
+    if bigger:
+        b = min(bigger, key=lambda r: r.predicted_loss)
+        parts.append(f"the best larger model ({b.params / 1e6:.2f}M) would see only "
+                     f"{b.tokens / 1e6:.1f}M tokens (loss {b.predicted_loss:.4f})")
+    if smaller:
+        s = min(smaller, key=lambda r: r.predicted_loss)
+        parts.append(f"the best smaller one ({s.params / 1e6:.2f}M) is capacity-limited "
+                     f"(loss {s.predicted_loss:.4f})")
+    return "; ".join(parts)
