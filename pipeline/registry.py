@@ -5,12 +5,14 @@ artifacts are the run's model folder (native safetensors + config + tokenizer, a
 Face export for dense models). `mlflow.pyfunc.load_model("models:/NAME@champion").predict(
 ["Once upon a time"])` returns generated text with nothing imported beyond the installed package.
 
-Aliases: every new version gets `latest`; `champion` moves only when the new version's
-validation bits-per-byte beats the current champion's on the same data and tokenizer.
+Aliases: `champion` moves only when the new version's validation bits-per-byte beats the current
+champion's on the same data and tokenizer. MLflow reserves the alias name `latest`: the newest
+version is always `models:/NAME/latest`, built in, so no alias is needed for it.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,28 +23,35 @@ from pipeline.errors import UserError
 NATIVE = "native"
 
 
-class PufferfishLM(mlflow.pyfunc.PythonModel):
-    """pyfunc: list of prompts (or a DataFrame with a `prompt` column) → list of generations."""
+# PythonModel subclasses without type hints on predict trigger a UserWarning at class creation;
+# the omission is deliberate (see predict), so the warning is silenced here only.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context):
-        from pipeline.generate import load_generator
+    class PufferfishLM(mlflow.pyfunc.PythonModel):
+        """pyfunc: list of prompts (or a DataFrame with a `prompt` column) → list of generations."""
 
-        self.generator = load_generator(Path(context.artifacts["model"]))
+        def load_context(self, context):
+            from pipeline.generate import load_generator
 
-    def predict(self, context, model_input, params=None):
-        params = dict(params or {})
-        if hasattr(model_input, "columns"):  # a pandas DataFrame
-            col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            prompts = [str(p) for p in model_input[col]]
-        elif isinstance(model_input, str):
-            prompts = [model_input]
-        else:
-            prompts = [str(p) for p in model_input]
-        return [self.generator.complete(p, max_new_tokens=int(params.get("max_new_tokens", 64)),
-                                        temperature=float(params.get("temperature", 0.0)),
-                                        top_k=params.get("top_k"), top_p=params.get("top_p"),
-                                        seed=int(params.get("seed", 0)))
-                for p in prompts]
+            self.generator = load_generator(Path(context.artifacts["model"]))
+
+        # No type hints on purpose: MLflow would infer a signature from them that drops `params`.
+        def predict(self, context, model_input, params=None):
+            params = dict(params or {})
+            if hasattr(model_input, "columns"):  # a DataFrame (MLflow's schema enforcement makes one)
+                model_input = model_input[model_input.columns[0]].tolist()
+            prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
+            top_k, top_p = int(params.get("top_k", 0)), float(params.get("top_p", 1.0))
+            return [self.generator.complete(p, max_new_tokens=int(params.get("max_new_tokens", 64)),
+                                            temperature=float(params.get("temperature", 0.0)),
+                                            top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                                            seed=int(params.get("seed", 0)))
+                    for p in prompts]
+
+
+# Inference-time parameters the pyfunc accepts (top_k 0 and top_p 1.0 mean "off").
+PARAMS = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0}
 
 
 @dataclass
@@ -73,19 +82,19 @@ def register(model_dir: Path, name: str, *, run_id: str, val_bpb: float, data_fi
     tags = {**(tags or {}), "val_bpb": f"{val_bpb:.6f}", "data_fingerprint": data_fingerprint,
             "tokenizer_hash": tokenizer_hash}
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=PufferfishLM(),
-                                       artifacts={"model": str(model_dir)}, pip_requirements=[])
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                                       artifacts={"model": str(model_dir)}, pip_requirements=[],
+                                       signature=mlflow.models.infer_signature(["prompt"], ["text"], params=PARAMS))
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="Pufferfish models trained on one data source")
     mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
                                      description=description)
-    client.set_registered_model_alias(name, "latest", mv.version)
     champion, reason = _champion_decision(client, name, mv.version, val_bpb, data_fingerprint, tokenizer_hash)
     if champion:
         client.set_registered_model_alias(name, "champion", mv.version)
-    log(f"registered {name} version {mv.version} (@latest); {reason}")
+    log(f"registered {name} version {mv.version} (models:/{name}/latest); {reason}")
     return Registration(name, str(mv.version), champion, reason, f"models:/{name}/{mv.version}")
 
 

@@ -39,6 +39,7 @@ def _local_sqlite_path(uri: str) -> Path | None:
 
 def setup(cli_uri: str | None = None, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store, create it and the experiment once (driver side); return its id."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     uri = resolve_uri(cli_uri)

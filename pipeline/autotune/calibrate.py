@@ -123,6 +123,8 @@ def ray_session(address: str | None, num_cpus: int, num_gpus: int, log=print):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")       # with verbose=0: no progress tables
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C reaches autotune, which saves state
     try:
         if address:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -229,9 +231,12 @@ def _records(grid, choices: dict) -> list[TrialRecord]:
         if any(v is None for v in cand.values()):
             continue  # never started (time budget ran out first)
         m = result.metrics or {}
-        if result.error is not None or "status" not in m:
+        if result.error is not None:
             out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status="error",
-                                   error=str(result.error).splitlines()[-1][:300] if result.error else "no result"))
+                                   error=str(result.error).splitlines()[-1][:300]))
+            continue
+        if "status" not in m:  # stopped by the calibration deadline before it reported
+            out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status="stopped"))
             continue
         trace = json.loads(m.get("loss_trace") or "[]")
         out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status=m["status"],

@@ -78,24 +78,29 @@ class ThroughputModel:
         # Relative error: divide each row by its target, so fast and slow configs weigh the same.
         coef, _ = nnls(x / y[:, None], np.ones(n))
         if not np.any(coef > 0):  # degenerate data: fall back to a pure FLOP-rate model
-            terms = ["mm"]
-            coef = np.array([float(np.median(y / x[:, 0]))]) if "mm" in terms else coef
+            terms, coef = ["mm"], np.array([float(np.median(y / x[:, 0]))])
         return cls(terms=list(terms), coef=[float(c) for c in coef])
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def leave_one_out_error(shapes: list[Shape], tokens_per_s: list[float]) -> list[float]:
-    """Absolute relative error of each trial's tokens/s predicted by a model fit without it."""
-    errors = []
+def leave_one_out_predictions(shapes: list[Shape], tokens_per_s: list[float]) -> list[float]:
+    """Each trial's tokens/s as predicted by a model fitted on the other trials."""
+    out = []
     for i in range(len(shapes)):
-        rest = [j for j in range(len(shapes)) if j != i]
-        if not rest:
-            break
+        rest = [j for j in range(len(shapes)) if j != i] or [i]
         model = ThroughputModel.fit([shapes[j] for j in rest], [tokens_per_s[j] for j in rest])
-        errors.append(abs(model.tokens_per_s(shapes[i]) / tokens_per_s[i] - 1.0))
-    return errors
+        out.append(model.tokens_per_s(shapes[i]))
+    return out
+
+
+def leave_one_out_error(shapes: list[Shape], tokens_per_s: list[float]) -> list[float]:
+    """Absolute relative error of each leave-one-out prediction (empty with fewer than 2 trials)."""
+    if len(shapes) < 2:
+        return []
+    preds = leave_one_out_predictions(shapes, tokens_per_s)
+    return [abs(p / t - 1.0) for p, t in zip(preds, tokens_per_s)]
 
 
 # --- memory --------------------------------------------------------------------------------

@@ -417,9 +417,13 @@ class Trainer:
                         f"{math.ceil(needed * 1.5 + 1)}s")
 
     def _tps(self, step_times: list[float]) -> float:
-        # Steady state: drop the first steps (allocation warm-up, torch.compile).
+        # Steady state: drop the first steps (allocation warm-up, torch.compile). A calibration
+        # trial uses the median step, robust to a background process stealing a core for a
+        # moment; a full run reports its true average.
         warm = min(len(step_times) - 1, max(2, len(step_times) // 10))
         steady = step_times[warm:] if warm > 0 else step_times
+        if self.trial:
+            return self.tokens_per_step / max(1e-9, statistics.median(steady))
         return self.tokens_per_step * len(steady) / max(1e-9, sum(steady))
 
     def _mfu(self, tps: float) -> float | None:
@@ -482,5 +486,7 @@ def summarize_params(cfg: RunConfig) -> dict:
 
 def result_dict(res: TrainResult) -> dict:
     d = asdict(res)
-    d["loss_trace"] = d["loss_trace"][-200:]
+    trace = d["loss_trace"]
+    stride = max(1, len(trace) // 500)  # keep the curve's shape, not every step
+    d["loss_trace"] = trace[::stride] + ([trace[-1]] if trace and (len(trace) - 1) % stride else [])
     return d

@@ -1,0 +1,366 @@
+"""`python -m pipeline.autotune --hours H`: probe → data → calibrate → fit → plan → train →
+register, all inside the wall-clock budget. Every stage is timed, shown and logged to MLflow;
+`--resume RUN_DIR` continues an interrupted pipeline where it stopped."""
+from __future__ import annotations
+
+import time
+
+STARTED = time.monotonic()  # the budget counts from here: imports and data preparation included
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from rich.console import Console  # noqa: E402
+
+from pipeline.data.__main__ import add_data_args, settings_from_args  # noqa: E402
+from pipeline.errors import UserError, cli  # noqa: E402
+from pipeline.train.__main__ import add_budget_args, budget_from_args  # noqa: E402
+
+console = Console(stderr=True)
+if not console.is_terminal:  # logs and CI: wide enough for the plan table
+    console = Console(stderr=True, width=160)
+# Below these budgets the fixed costs (Ray start, data, calibration, evaluation, registration)
+# leave no useful training time.
+MIN_SECONDS = {"cpu": 150, "cuda": 600}
+STATE = "pipeline.json"
+
+
+def log(message: str) -> None:
+    console.print(message)
+
+
+class Pipeline:
+    """State of one autotune run, saved to `<run>/pipeline.json` after every stage."""
+
+    def __init__(self, run_dir: Path, budget_s: float, args: dict, elapsed_before: float = 0.0,
+                 state: dict | None = None):
+        self.run_dir, self.budget_s, self.args = run_dir, budget_s, args
+        self.elapsed_before = elapsed_before
+        self.state = state or {"stages": {}, "timings": {}}
+        self.deadline = STARTED + budget_s - elapsed_before
+        self._stage_t = time.monotonic()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["stages"]
+
+    def finish(self, stage: str, payload: dict) -> None:
+        now = time.monotonic()
+        self.state["timings"][stage] = self.state["timings"].get(stage, 0.0) + now - self._stage_t
+        self._stage_t = now
+        self.state["stages"][stage] = payload
+        self.save()
+
+    def save(self) -> None:
+        self.state.update(budget_s=self.budget_s, args=self.args,
+                          elapsed_s=self.elapsed_before + time.monotonic() - STARTED)
+        tmp = self.run_dir / f".{STATE}.tmp"
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.run_dir / STATE)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m pipeline.autotune", description=__doc__)
+    add_budget_args(p, tokens=False)
+    add_data_args(p)
+    p.add_argument("--space", help="search space YAML or built-in name (default: cpu or gpu by hardware)")
+    p.add_argument("--plan-only", action="store_true", help="stop after printing the plan")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override planned fields")
+    p.add_argument("--yes", action="store_true", help="no confirmation prompt")
+    p.add_argument("--resume", metavar="RUN_DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mlflow-uri")
+    p.add_argument("--address", help="Ray cluster: auto | ray://HOST:PORT | HOST:PORT")
+    p.add_argument("--model-name", help="registry name (default: from the data source)")
+    p.add_argument("--out", help="run folder (default runs/autotune-<time>)")
+    p.add_argument("--inject-oom", help=argparse.SUPPRESS)  # tests: JSON {knob: value} of trials to fail
+    return p.parse_args(argv)
+
+
+@cli
+def main(argv=None):
+    args = parse(argv)
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        try:
+            state = json.loads((run_dir / STATE).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{run_dir} is not an autotune run folder (no readable {STATE})") from None
+        saved = argparse.Namespace(**{**vars(parse([])), **state["args"]})
+        saved.resume, saved.yes = args.resume, args.yes or saved.yes
+        args = saved
+        pipe = Pipeline(run_dir, state["budget_s"], state["args"], state.get("elapsed_s", 0.0), state)
+        log(f"resuming {run_dir.name}: {pipe.left():.0f}s of the {pipe.budget_s:.0f}s budget left")
+    else:
+        budget = budget_from_args(args)
+        if budget is None:
+            raise UserError("give a budget: --hours H or --minutes M")
+        from pipeline.train.run import new_run_dir
+
+        run_dir = new_run_dir(args.out, prefix="autotune")
+        run_dir.mkdir(parents=True)
+        stored = {k: v for k, v in vars(args).items() if k not in ("resume",)}
+        pipe = Pipeline(run_dir, budget.seconds, stored)
+    try:
+        return run(pipe, args)
+    except KeyboardInterrupt:
+        pipe.save()
+        _end_parent(pipe, "KILLED")
+        console.print(f"interrupted; the study, checkpoints and MLflow runs are kept. Resume with:\n"
+                      f"  python -m pipeline.autotune --resume {pipe.run_dir}")
+        sys.exit(130)
+    except UserError:
+        pipe.save()
+        _end_parent(pipe, "FAILED")
+        raise
+
+
+def _end_parent(pipe: Pipeline, status: str) -> None:
+    run_id = pipe.state.get("parent_run_id")
+    if run_id:
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient().set_terminated(run_id, status=status)
+        except Exception:
+            pass
+
+
+def run(pipe: Pipeline, args) -> None:
+    from pipeline import hardware, tracking
+    from pipeline.autotune.space import default_space_path, load_space
+
+    # 1. probe --------------------------------------------------------------------------------
+    hw = hardware.probe()
+    minimum = MIN_SECONDS[hw.kind]
+    if pipe.budget_s < minimum:
+        raise UserError(f"a budget of {pipe.budget_s:.0f}s is too small for the whole pipeline on this "
+                        f"hardware ({hw.name}); give at least {minimum}s (--minutes {math.ceil(minimum / 60)})")
+    problems = hardware.system_checks([pipe.run_dir])
+    if problems:
+        raise UserError("; ".join(problems))
+    space = load_space(args.space or default_space_path(hw.kind))
+    log(f"[bold]hardware[/]: {hw.name}, {hw.memory_bytes / 2**30:.0f} GiB; space [bold]{space.name}[/] "
+        f"({len(space)} candidates); budget {pipe.budget_s / 60:.1f} min")
+    if not pipe.done("probe"):
+        pipe.finish("probe", {"hardware": hw.to_dict(), "space": space.path})
+
+    # MLflow parent run (created once in the driver: a single writer for the SQLite store)
+    exp = tracking.setup(args.mlflow_uri)
+    parent = tracking.Run(exp, run_id=pipe.state.get("parent_run_id"), name=pipe.run_dir.name,
+                          tags={"pufferfish.kind": "autotune", "hardware": hw.name,
+                                "commit": tracking.git_commit()})
+    if "parent_run_id" not in pipe.state:
+        pipe.state["parent_run_id"] = parent.id
+        parent.log_params({"budget_s": pipe.budget_s, "space": space.name, "seed": args.seed,
+                           "data": args.data or "wiki-en"})
+        pipe.save()
+
+    # 2. data ---------------------------------------------------------------------------------
+    from pipeline.data.cache import prepare
+
+    data = prepare(settings_from_args(args, args.seed), log=log)
+    if not pipe.done("data"):
+        pipe.finish("data", {"folder": str(data.folder), "unique_train_tokens": data.unique_train_tokens})
+        parent.log_params({"data.fingerprint": data.folder.name, "data.unique_train_tokens": data.unique_train_tokens})
+
+    share = 0.05 if pipe.budget_s >= 3600 else 0.10
+    calib_s = share * pipe.budget_s
+    ctx = {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
+           "data_folder": str(data.folder), "seed": args.seed,
+           "window_s": min(60.0, max(3.0, calib_s / 10)), "max_steps": 30,
+           "full_seconds": pipe.budget_s * (1 - share), "unique_tokens": data.unique_train_tokens,
+           "peak_flops": hw.peak_flops,
+           "inject_oom": json.loads(args.inject_oom) if args.inject_oom else None}
+
+    from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_error,
+                                       leave_one_out_predictions, median_and_max)
+    from pipeline.autotune.plan import plan, why
+    from pipeline.autotune.report import plan_table, plan_text, plots, short
+    from pipeline.autotune.space import candidate_key, to_run_config
+
+    n_gpus = len(hw.gpus)
+    with cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) as _:
+        # 3. calibrate --------------------------------------------------------------------------
+        if not pipe.done("calibrate"):
+            spent = pipe.state["timings"].get("calibrate", 0.0)
+            seconds = max(5.0, calib_s - (time.monotonic() - pipe._stage_t) - spent)
+            log(f"[bold]calibrating[/] for {seconds:.0f}s (Ray Tune + Optuna TPE, "
+                f"{ctx['window_s']:.0f}s trials)")
+            records = cal.calibrate(space, ctx, seconds, pipe.run_dir / "optuna.db",
+                                    f"autotune-{pipe.run_dir.name}", args.seed, cal.seed_points(space), log)
+            _log_trials(records, exp, parent.id)
+            pipe.finish("calibrate", {"trials": [r.to_dict() for r in records]})
+        records = [cal.TrialRecord(**r) for r in pipe.state["stages"]["calibrate"]["trials"]]
+        ok = [r for r in records if r.status == "ok"]
+        oom = [r for r in records if r.status == "oom"]
+        log(f"{len(records)} trials: {len(ok)} ok, {len(oom)} out of memory, "
+            f"{len(records) - len(ok) - len(oom)} other")
+        if not ok:
+            raise UserError("no calibration trial succeeded (see the MLflow trial runs); the space's "
+                            "smallest model may not fit this machine: try a smaller --space")
+
+        # 4. fit ---------------------------------------------------------------------------------
+        def shape(cand):
+            return Shape.of(to_run_config(cand, space, data.vocab_size))
+
+        shapes, tps = [shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok]
+        tput = ThroughputModel.fit(shapes, tps)
+        amp = hw.kind == "cuda"
+        mem = MemoryModel.fit(shapes, [r.peak_memory_bytes for r in ok], amp) if amp else MemoryModel(amp=False)
+        loo = leave_one_out_error(shapes, tps)
+        med, worst = median_and_max(loo)
+        log(f"throughput model {dict(zip(tput.terms, [f'{c:.3g}' for c in tput.coef]))}; "
+            f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
+
+        # 5. plan --------------------------------------------------------------------------------
+        limit = 0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes
+        measured = {}
+        for r in ok:  # several trials of one candidate: average them
+            measured.setdefault(r.key, []).append(r.tokens_per_s)
+        measured = {k: sum(v) / len(v) for k, v in measured.items()}
+        cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
+        reg_reserve = 6.0  # registration (~1-2 s measured on CPU) + plots and summary
+
+        def train_seconds():
+            return pipe.left() - reg_reserve
+
+        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                    measured=measured)
+        if not rows[0].feasible:
+            small = min(rows, key=lambda r: r.memory_bytes)
+            raise UserError(f"nothing in space {space.name} fits in memory: the smallest candidate "
+                            f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
+                            f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
+        best = rows[0]
+        # The launch decision rests on a measurement, not only on the model: measure the choice
+        # (and a new choice, if the measurement changes it), up to three times.
+        for attempt in range(3):
+            if best.measured or pipe.done("plan"):
+                break
+            log(f"measuring the planned choice ({short(best.candidate)}) before launching")
+            extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
+                                f"verify{attempt}-{pipe.run_dir.name}")
+            _log_trials(extra, exp, parent.id)
+            pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
+            for r in extra:
+                measured[r.key] = r.tokens_per_s if r.status == "ok" else 1e-9  # failed: never again
+            rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                        measured=measured)
+            best = rows[0]
+    # Ray is shut down here: the full run gets every core and all the memory.
+    predicted_tps = tput.tokens_per_s(shape(best.candidate))
+    reason = why(best, rows)
+    console.print(plan_table(rows))
+    log(f"[bold]chosen[/]: {short(best.candidate)} — {reason}")
+    plan_payload = {"chosen": best.to_dict(), "why": reason, "rows": [r.to_dict() for r in rows[:50]],
+                    "throughput_model": tput.to_dict(), "memory_model": mem.to_dict(),
+                    "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": predicted_tps}
+    (pipe.run_dir / "plan.json").write_text(json.dumps(plan_payload, indent=2, default=str))
+    (pipe.run_dir / "plan.txt").write_text(plan_text(rows) + f"\nchosen: {short(best.candidate)}\n{reason}\n")
+    if not pipe.done("plan"):
+        parent.log_artifact(pipe.run_dir / "plan.json")
+        parent.log_artifact(pipe.run_dir / "plan.txt")
+        parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst,
+                            "planned_params": best.params, "planned_tokens": best.tokens,
+                            "predicted_tokens_per_s": best.tokens_per_s}, step=0)
+        pipe.finish("plan", {"chosen": best.candidate, "key": best.key})
+    if args.plan_only:
+        log(f"--plan-only: stopping after the plan ({pipe.run_dir / 'plan.json'})")
+        parent.end("FINISHED")
+        return
+
+    # 6. train -------------------------------------------------------------------------------
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.engine import Interrupted
+    from pipeline.train.run import train_run
+    from pipeline.train.schedule import Budget
+
+    chosen = pipe.state["stages"]["plan"]["chosen"]
+    cfg = apply_overrides(to_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed),
+                                        seed=args.seed), args.set)
+    full_dir = pipe.run_dir / "full"
+    resume_full = (full_dir / "checkpoints").is_dir() and any((full_dir / "checkpoints").glob("step-*"))
+    seconds = train_seconds()
+    if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
+        answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
+        if answer not in ("", "y", "yes"):
+            raise UserError("not launched; rerun with --resume to continue from the plan")
+    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}")
+    try:
+        if resume_full:
+            from pipeline.train.run import load_resume
+
+            cfg, st = load_resume(full_dir, None)
+            result, run_id = train_run(cfg, Budget(seconds=st["budget_seconds"]), full_dir, resume=True,
+                                       mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
+                                       data=data, log=log)
+        else:
+            result, run_id = train_run(cfg, Budget(seconds=seconds), full_dir, mlflow_uri=args.mlflow_uri,
+                                       parent_run_id=parent.id, data=data, log=log,
+                                       tags={"pufferfish.autotune_run": parent.id})
+    except Interrupted:
+        raise KeyboardInterrupt from None
+    pipe.finish("train", {"run_id": run_id, "val_bpb": result.final_val_bpb,
+                          "tokens_per_s": result.tokens_per_s, "tokens": result.tokens})
+
+    # 7. register ----------------------------------------------------------------------------
+    from model.config import param_counts
+    from pipeline.registry import default_name, register
+
+    name = args.model_name or default_name(data.meta["source"])
+    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
+                   data_fingerprint=data.folder.name, tokenizer_hash=data.meta["tokenizer_hash"],
+                   tags={"budget": f"{pipe.budget_s / 60:.1f}min", "hardware": hw.name,
+                         "params": str(param_counts(cfg.model)["total"]), "autotune_run_id": parent.id,
+                         "predicted_tokens_per_s": f"{predicted_tps:.0f}",
+                         "achieved_tokens_per_s": f"{result.tokens_per_s:.0f}", "tokenizer": data.meta["tokenizer"]},
+                   description=f"{short(chosen)}; {reason}", log=log)
+    pipe.finish("register", asdict(reg))
+    for p in plots(pipe.run_dir, list(zip(tps, leave_one_out_predictions(shapes, tps))),
+                   rows, best, result.loss_trace):
+        parent.log_artifact(p)
+    timings = pipe.state["timings"]
+    total = pipe.elapsed_before + time.monotonic() - STARTED
+    parent.log_metrics({"val_bpb": result.final_val_bpb, "achieved_tokens_per_s": result.tokens_per_s,
+                        "wall_s": total, "wall_over_budget": total / pipe.budget_s,
+                        **{f"time_{k}_s": v for k, v in timings.items()}}, step=1)
+    parent.end("FINISHED")
+    uri = tracking.resolve_uri(args.mlflow_uri)
+    console.print(
+        f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
+        f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params)\n"
+        f"  tokens/s   predicted {predicted_tps:,.0f}, achieved {result.tokens_per_s:,.0f}\n"
+        f"  val bpb    {result.final_val_bpb:.4f} on {result.tokens / 1e6:.1f}M training tokens\n"
+        f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
+        f"  registry   {reg.model_uri} — {reg.reason}\n"
+        f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"
+        f"  generate   python -m pipeline.generate --model models:/{reg.name}@champion --prompt \"The\"")
+
+
+def _log_trials(records, experiment_id: str, parent_id: str) -> None:
+    """One nested MLflow run per trial, written by the driver (one writer for the store)."""
+    from pipeline import tracking
+
+    for i, r in enumerate(records):
+        run = tracking.Run(experiment_id, name=f"trial-{i:03d}", parent_id=parent_id,
+                           tags={"pufferfish.kind": "trial", "status": r.status})
+        run.log_params(r.candidate)
+        run.log_metrics({"tokens_per_s": r.tokens_per_s, "peak_memory_bytes": r.peak_memory_bytes,
+                         "mfu": r.mfu, "objective": r.objective, "compile_s": r.compile_s,
+                         "steps": r.steps, "status_ok": 1.0 if r.status == "ok" else 0.0}, step=0)
+        if r.error:
+            run.set_tags({"error": r.error[:500]})
+        run.end("FINISHED" if r.status in ("ok", "oom", "too_slow") else "FAILED")
+
+
+if __name__ == "__main__":
+    main()

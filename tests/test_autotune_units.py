@@ -1,0 +1,185 @@
+"""Planner, throughput/memory models and search spaces, with synthetic models (no training)."""
+import math
+
+import numpy as np
+import pytest
+
+from model.config import ConfigError, ModelConfig, flops_per_token
+from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
+from pipeline.autotune.plan import ScalingLaw, effective_tokens, law_params, plan
+from pipeline.autotune.space import SPACES_DIR, load_space, model_config, to_run_config
+
+
+def grid_shapes(widths=(64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048),
+                depths=(2, 4, 6, 8, 12, 16, 24, 32), seq=256):
+    out = []
+    for d in widths:
+        for L in depths:
+            m = ModelConfig(vocab_size=4096, d_model=d, n_layers=L, n_heads=max(1, d // 64), max_seq_len=seq)
+            out.append((f"d{d}L{L}", {"d": d, "L": L}, Shape(m, seq, 8, 65536)))
+    return out
+
+
+class FlopRate:
+    """tokens/s = R / FLOPs-per-token: a machine with a fixed FLOP rate."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def tokens_per_s(self, s):
+        return self.rate / flops_per_token(s.model, s.seq_len)
+
+
+class NoMemory:
+    def bytes(self, s):
+        return 0.0
+
+
+def test_planner_reproduces_compute_optimal_scaling():
+    cands = grid_shapes()
+    seconds = 3600.0
+    chosen = {}
+    for rate in (1e13, 1e15):  # 100× the compute
+        best = plan(cands, FlopRate(rate), NoMemory(), seconds, unique_tokens=1e15)[0]
+        chosen[rate] = best
+    ratio_n = chosen[1e15].params / chosen[1e13].params
+    exponent = math.log(ratio_n) / math.log(100)
+    # Epoch AI fit: N_opt ∝ C^(β/(α+β)) ≈ C^0.51 (the grid is coarse, so a loose band)
+    assert 0.35 < exponent < 0.65
+    assert chosen[1e15].tokens > chosen[1e13].tokens
+
+
+def test_planner_prefers_bigger_models_when_data_is_scarce():
+    cands = grid_shapes()
+    plenty = plan(cands, FlopRate(1e14), NoMemory(), 3600, unique_tokens=1e15)[0]
+    scarce = plan(cands, FlopRate(1e14), NoMemory(), 3600, unique_tokens=plenty.tokens / 50)[0]
+    assert scarce.params > plenty.params       # repeated data is worth less: spend compute on N
+    assert scarce.epochs > 1
+
+
+def test_effective_tokens_follow_the_data_constrained_law():
+    u = 1e6
+    assert effective_tokens(5e5, u) == 5e5
+    assert effective_tokens(4 * u, u) == pytest.approx(u + u * 15.4 * (1 - math.exp(-3 / 15.4)))
+    assert effective_tokens(4 * u, u) > 0.9 * 4 * u        # ~4 epochs is almost as good as fresh
+    assert effective_tokens(200 * u, u) < 17 * u            # past ~16 epochs: nearly worthless
+
+
+def test_memory_limit_excludes_candidates_and_flags_them():
+    cands = grid_shapes()
+
+    class BigIsHeavy:
+        def bytes(self, s):
+            return law_params(s) * 16.0
+
+    limit = 16.0 * 20e6  # only models under 20M parameters fit
+    rows = plan(cands, FlopRate(1e16), BigIsHeavy(), 3600, 1e15, memory_limit=limit)
+    assert rows[0].feasible and rows[0].params < 20e6
+    assert any(not r.feasible for r in rows)
+    assert all(r.predicted_loss == math.inf for r in rows if not r.feasible)
+    unlimited = plan(cands, FlopRate(1e16), BigIsHeavy(), 3600, 1e15)[0]
+    assert unlimited.params > 20e6  # the limit is what changed the choice
+
+
+def test_measured_throughput_overrides_the_model():
+    cands = grid_shapes()[:5]
+    key = cands[0][0]
+    rows = plan(cands, FlopRate(1e12), NoMemory(), 600, 1e12, measured={key: 1e9})
+    row = next(r for r in rows if r.key == key)
+    assert row.measured and row.tokens_per_s == 1e9
+
+
+def test_throughput_fit_recovers_known_parameters():
+    rng = np.random.default_rng(0)
+    true = {"mm": 2e-3, "narrow": 5e-4, "attn": 1e-3, "layer": 3e-4, "step": 0.05, "opt": 0.02}
+    shapes = []
+    for i, (d, L) in enumerate((d, L) for d in (64, 128, 256, 512) for L in (1, 2, 4, 8)):
+        seq = (128, 256, 512)[i % 3]
+        m = ModelConfig(vocab_size=4096, d_model=d, n_layers=L, n_heads=max(1, d // 64), max_seq_len=seq)
+        shapes.append(Shape(m, seq, (4, 8, 16, 32)[i % 4], 65536))
+    def spt(s):
+        f = features(s)
+        return sum(true[k] * f[k] for k in true)
+    tps = [1 / spt(s) * (1 + rng.normal(0, 0.005)) for s in shapes]
+    model = ThroughputModel.fit(shapes, tps)
+    assert set(model.terms) == set(true)
+    for term, coef in zip(model.terms, model.coef):
+        assert coef == pytest.approx(true[term], rel=0.25), term
+    errors = leave_one_out_error(shapes, tps)
+    assert np.median(errors) < 0.02
+
+
+def test_throughput_fit_with_few_trials_uses_fewer_terms():
+    shapes = [s for _, _, s in grid_shapes(widths=(64, 128), depths=(2,))]
+    model = ThroughputModel.fit(shapes, [1000.0, 400.0])
+    assert model.terms == ["mm"]
+    assert model.tokens_per_s(shapes[0]) > model.tokens_per_s(shapes[1])
+
+
+def test_memory_model_fit_and_checkpointing_saves_memory():
+    base = ModelConfig(vocab_size=4096, d_model=256, n_layers=8, n_heads=4, max_seq_len=512)
+    ck = ModelConfig(vocab_size=4096, d_model=256, n_layers=8, n_heads=4, max_seq_len=512,
+                     activation_checkpointing=True)
+    m = MemoryModel(amp=True)
+    assert m.bytes(Shape(ck, 512, 32, 65536)) < m.bytes(Shape(base, 512, 32, 65536))
+    shapes = [Shape(ModelConfig(vocab_size=4096, d_model=d, n_layers=L, n_heads=4, max_seq_len=256), 256, mb, 65536)
+              for d in (128, 256) for L in (2, 6) for mb in (8, 32)]
+    truth = MemoryModel(fixed=3e8, scale={"params": 1.2, "acts": 0.7, "logits": 1.1}, amp=True)
+    fitted = MemoryModel.fit(shapes, [truth.bytes(s) for s in shapes], amp=True)
+    assert fitted.fitted
+    for s in shapes:
+        assert fitted.bytes(s) == pytest.approx(truth.bytes(s), rel=0.02)
+
+
+def test_builtin_spaces_load_and_build():
+    for path in SPACES_DIR.glob("*.yaml"):
+        space = load_space(path)
+        cands = space.candidates()
+        assert cands
+        for cand in cands[:: max(1, len(cands) // 20)]:
+            cfg = to_run_config(cand, space, vocab_size=4096)
+            assert cfg.model.d_model == cand["n_heads"] * cand["head_dim"]
+            assert cfg.model.n_heads % cfg.model.n_kv_heads == 0
+
+
+def test_kv_ratio_rounds_to_a_divisor():
+    cfg = model_config({"n_heads": 6, "head_dim": 32, "n_layers": 2, "kv_ratio": 4, "ffn_ratio": 2.67,
+                        "n_experts": 0, "top_k": 2, "pos_encoding": "rope", "activation_checkpointing": False,
+                        "seq_len": 64}, 512)
+    assert cfg.n_kv_heads == 1  # 6/4 = 1.5 → largest divisor of 6 not above it
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty"),
+    ("model: [1, 2]\n", "model must be a mapping"),
+    ("model:\n  n_heads: [2]\n", "is missing"),
+    ("name: x\nmodle: {}\n", "unknown sections modle"),
+    ("model:\n  n_heads: []\n", "non-empty list"),
+    ("model:\n  n_headz: [2]\n", "unknown model knob"),
+    ("model:\n  n_heads: [two]\n", "is not int"),
+])
+def test_malformed_spaces_are_named(tmp_path, text, message):
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_space(p)
+
+
+def test_space_rule_and_moe_errors(tmp_path):
+    good = (SPACES_DIR / "cpu-tiny.yaml").read_text()
+    p = tmp_path / "s.yaml"
+    p.write_text(good.replace("n_experts: [0]", "n_experts: [0, 2]").replace("top_k: [2]", "top_k: [1, 4]"))
+    with pytest.raises(ConfigError, match="top_k choice 4 exceeds"):
+        load_space(p)
+    p.write_text(good.replace("  lr: 0.003\n", ""))
+    with pytest.raises(ConfigError, match="rules.lr is missing"):
+        load_space(p)
+    with pytest.raises(ConfigError, match="built-in spaces"):
+        load_space(tmp_path / "nope.yaml")
+
+
+def test_scaling_law_prefers_more_of_both():
+    law = ScalingLaw()
+    assert law.loss(1e8, 1e10) < law.loss(1e7, 1e10)
+    assert law.loss(1e8, 1e11) < law.loss(1e8, 1e10)
+    assert law.loss(1e8, 1e11, unique_tokens=1e9) > law.loss(1e8, 1e11)
