@@ -12,7 +12,6 @@ version is always `models:/NAME/latest`, built in, so no alias is needed for it.
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,31 +22,29 @@ from pipeline.errors import UserError
 NATIVE = "native"
 
 
-# PythonModel subclasses without type hints on predict trigger a UserWarning at class creation;
-# the omission is deliberate (see predict), so the warning is silenced here only.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+class PufferfishLM(mlflow.pyfunc.PythonModel):
+    """pyfunc: list of prompts → list of generations (params: see PARAMS)."""
 
-    class PufferfishLM(mlflow.pyfunc.PythonModel):
-        """pyfunc: list of prompts (or a DataFrame with a `prompt` column) → list of generations."""
+    # predict has no type hints on purpose (MLflow would infer a signature from them that drops
+    # `params`); this flag tells MLflow not to wrap it for type-hint validation.
+    _skip_type_hint_validation = True
 
-        def load_context(self, context):
-            from pipeline.generate import load_generator
+    def load_context(self, context):
+        from pipeline.generate import load_generator
 
-            self.generator = load_generator(Path(context.artifacts["model"]))
+        self.generator = load_generator(Path(context.artifacts["model"]))
 
-        # No type hints on purpose: MLflow would infer a signature from them that drops `params`.
-        def predict(self, context, model_input, params=None):
-            params = dict(params or {})
-            if hasattr(model_input, "columns"):  # a DataFrame (MLflow's schema enforcement makes one)
-                model_input = model_input[model_input.columns[0]].tolist()
-            prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
-            top_k, top_p = int(params.get("top_k", 0)), float(params.get("top_p", 1.0))
-            return [self.generator.complete(p, max_new_tokens=int(params.get("max_new_tokens", 64)),
-                                            temperature=float(params.get("temperature", 0.0)),
-                                            top_k=top_k or None, top_p=top_p if top_p < 1 else None,
-                                            seed=int(params.get("seed", 0)))
-                    for p in prompts]
+    def predict(self, context, model_input, params=None):
+        params = dict(params or {})
+        if hasattr(model_input, "columns"):  # a DataFrame (MLflow's schema enforcement makes one)
+            model_input = model_input[model_input.columns[0]].tolist()
+        prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
+        top_k, top_p = int(params.get("top_k", 0)), float(params.get("top_p", 1.0))
+        return [self.generator.complete(p, max_new_tokens=int(params.get("max_new_tokens", 64)),
+                                        temperature=float(params.get("temperature", 0.0)),
+                                        top_k=top_k or None, top_p=top_p if top_p < 1 else None,
+                                        seed=int(params.get("seed", 0)))
+                for p in prompts]
 
 
 # Inference-time parameters the pyfunc accepts (top_k 0 and top_p 1.0 mean "off").
@@ -84,7 +81,8 @@ def register(model_dir: Path, name: str, *, run_id: str, val_bpb: float, data_fi
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                                        artifacts={"model": str(model_dir)}, pip_requirements=[],
-                                       signature=mlflow.models.infer_signature(["prompt"], ["text"], params=PARAMS))
+                                       signature=mlflow.models.infer_signature(["prompt"], ["text"], params=PARAMS),
+                                       input_example=(["Once upon a time"], {"max_new_tokens": 8}))
     try:
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
@@ -155,7 +153,9 @@ def resolve_model_dir(uri: str) -> Path:
 
 def _model_root(path: Path) -> Path:
     """The folder holding `native/` (accepts the pyfunc folder, the model folder or native/)."""
-    for candidate in (path, path / "artifacts" / "model", path / "model", path.parent):
+    # The pyfunc keeps the model folder under artifacts/<folder name>/ (MLflow names it after
+    # the logged folder), so look one level into artifacts/ as well.
+    for candidate in (path, path / "model", *sorted(path.glob("artifacts/*")), path.parent):
         if (candidate / NATIVE / "config.json").is_file():
             return candidate
     if (path / "config.json").is_file():

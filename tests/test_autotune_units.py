@@ -91,7 +91,7 @@ def test_measured_throughput_overrides_the_model():
 
 def test_throughput_fit_recovers_known_parameters():
     rng = np.random.default_rng(0)
-    true = {"mm": 2e-3, "narrow": 5e-4, "attn": 1e-3, "layer": 3e-4, "step": 0.05, "opt": 0.02}
+    true = {"mm": 2e-3, "narrow": 5e-4, "attn": 1e-3, "layer": 3e-4, "step": 0.05}
     shapes = []
     for i, (d, L) in enumerate((d, L) for d in (64, 128, 256, 512) for L in (1, 2, 4, 8)):
         seq = (128, 256, 512)[i % 3]

@@ -8,6 +8,7 @@ import time
 STARTED = time.monotonic()  # the budget counts from here: imports and data preparation included
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -26,7 +27,7 @@ if not console.is_terminal:  # logs and CI: wide enough for the plan table
     console = Console(stderr=True, width=160)
 # Below these budgets the fixed costs (Ray start, data, calibration, evaluation, registration)
 # leave no useful training time.
-MIN_SECONDS = {"cpu": 150, "cuda": 600}
+MIN_SECONDS = {"cpu": 300, "cuda": 600}
 STATE = "pipeline.json"
 
 
@@ -175,7 +176,7 @@ def run(pipe: Pipeline, args) -> None:
     calib_s = share * pipe.budget_s
     ctx = {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
            "data_folder": str(data.folder), "seed": args.seed,
-           "window_s": min(60.0, max(3.0, calib_s / 10)), "max_steps": 30,
+           "window_s": min(20.0, max(3.0, calib_s / 20)), "max_steps": 30,
            "full_seconds": pipe.budget_s * (1 - share), "unique_tokens": data.unique_train_tokens,
            "peak_flops": hw.peak_flops,
            "inject_oom": json.loads(args.inject_oom) if args.inject_oom else None}
@@ -183,12 +184,15 @@ def run(pipe: Pipeline, args) -> None:
     from pipeline.autotune import calibrate as cal
     from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_error,
                                        leave_one_out_predictions, median_and_max)
-    from pipeline.autotune.plan import plan, why
+    from pipeline.autotune.plan import law_params, plan, why
     from pipeline.autotune.report import plan_table, plan_text, plots, short
     from pipeline.autotune.space import candidate_key, to_run_config
 
     n_gpus = len(hw.gpus)
-    with cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) as _:
+    # Ray is needed for measuring; a resumed run whose plan is already made skips starting it.
+    need_ray = not pipe.done("plan")
+    session = cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) if need_ray else contextlib.nullcontext()
+    with session:
         # 3. calibrate --------------------------------------------------------------------------
         if not pipe.done("calibrate"):
             spent = pipe.state["timings"].get("calibrate", 0.0)
@@ -228,7 +232,9 @@ def run(pipe: Pipeline, args) -> None:
             measured.setdefault(r.key, []).append(r.tokens_per_s)
         measured = {k: sum(v) / len(v) for k, v in measured.items()}
         cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
-        reg_reserve = 6.0  # registration (~1-2 s measured on CPU) + plots and summary
+        # registration (log + validate-load the pyfunc: ~2-4 s on CPU for small models, more for
+        # big ones, which take longer to write and load) + plots and summary
+        reg_reserve = 8.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
 
         def train_seconds():
             return pipe.left() - reg_reserve

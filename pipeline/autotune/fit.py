@@ -3,13 +3,14 @@
 Throughput: seconds per token as a non-negative combination of physically meaningful terms,
 
     s/token = c_mm · F_mm + c_narrow · F_mm / d_model + c_attn · F_attn
-            + c_layer · L / micro_tokens + c_step / micro_tokens + c_opt · N / batch_tokens
+            + c_layer · L / micro_tokens + c_step / micro_tokens
 
 F_mm: matmul FLOPs/token (6·N_active incl. the head); F_attn: attention FLOPs/token (12·L·H·hd·T);
 the F_mm/d term lets narrow models run at a lower effective rate than wide ones; the overheads
 are per layer and per micro-step (kernel launches, Python), amortised over the tokens in a
-micro-batch; the optimizer step is amortised over the global batch. Fitted by non-negative least
-squares on relative errors, with fewer terms when there are few trials.
+micro-batch. (The optimizer step costs ∝ N per global batch; with the batch fixed by the space that
+is proportional to F_mm, so it is folded into c_mm rather than fitted as an unidentifiable term.)
+Fitted by non-negative least squares on relative errors, with fewer terms when there are few trials.
 
 Memory: bytes = fixed + s_p · 16·N (fp32 weights, grads, AdamW moments) + s_a · activations
 + s_l · logits, with analytical activation sizes; the scales are fitted on GPU trials, where
@@ -25,9 +26,9 @@ from scipy.optimize import nnls
 
 from model.config import ModelConfig, param_counts
 
-TERMS = ["mm", "narrow", "attn", "layer", "step", "opt"]
+TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # Which terms to fit for a given number of trials (more terms need more measurements).
-TERMS_BY_COUNT = [(8, TERMS), (5, ["mm", "narrow", "attn", "step"]), (3, ["mm", "step"]), (1, ["mm"])]
+TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (3, ["mm", "step"]), (1, ["mm"])]
 
 
 @dataclass
@@ -51,8 +52,7 @@ def features(s: Shape) -> dict[str, float]:
     f_attn = 12.0 * m.n_layers * m.n_heads * m.head_dim * s.seq_len
     micro_tokens = s.micro_batch * s.seq_len
     return {"mm": f_mm / 1e9, "narrow": f_mm / 1e9 / m.d_model * 64, "attn": f_attn / 1e9,
-            "layer": m.n_layers / micro_tokens, "step": 1.0 / micro_tokens,
-            "opt": param_counts(m)["total"] / s.batch_tokens / 1e6}
+            "layer": m.n_layers / micro_tokens, "step": 1.0 / micro_tokens}
 
 
 @dataclass

@@ -1,0 +1,71 @@
+"""The product end to end on CPU: autotune on the embedded data with a tiny space, interrupted
+during the full run with Ctrl-C and resumed; then the registry, nested MLflow runs, artifacts,
+the injected out-of-memory trial and generation from the registered model are checked."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipeline.autotune", "--minutes", "5", "--space", "cpu-tiny", "--yes",
+           "--vocab-size", "512", "--max-tokens", "200000", "--out", str(run_dir), "--model-name", "e2e",
+           "--inject-oom", json.dumps({"n_heads": 4, "n_layers": 3})]
+    started = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckdir = run_dir / "full" / "checkpoints"
+    while time.time() - started < 300 and not list(ckdir.glob("step-*")) and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"--resume {run_dir}" in err
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert {"probe", "data", "calibrate", "plan"} <= set(state["stages"]) and "train" not in state["stages"]
+
+    out = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--resume", str(run_dir)],
+                         env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from step-" in out.stderr
+    state = json.loads((run_dir / "pipeline.json").read_text())
+    assert state["stages"]["register"]["name"] == "e2e"
+    # the budget is honoured across the interruption (time while stopped does not count)
+    assert state["elapsed_s"] <= 300 * 1.05
+
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+
+    tracking.setup(None)
+    client = MlflowClient()
+    parent_id = state["parent_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    kinds = [c.data.tags.get("pufferfish.kind") for c in children]
+    assert kinds.count("train") == 1 and kinds.count("trial") >= 2
+    trials = [c for c in children if c.data.tags.get("pufferfish.kind") == "trial"]
+    assert all("tokens_per_s" in t.data.metrics and "n_layers" in t.data.params for t in trials)
+    oom = [t for t in trials if t.data.tags.get("status") == "oom"]
+    assert oom and all(t.data.params["n_heads"] == "4" and t.data.params["n_layers"] == "3" for t in oom)
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"plan.json", "plan.txt", "frontier.png", "loss_curve.png"} <= artifacts
+    full = next(c for c in children if c.data.tags.get("pufferfish.kind") == "train")
+    assert full.info.status == "FINISHED" and "final_val_bpb" in full.data.metrics
+
+    mv = client.get_model_version_by_alias("e2e", "champion")
+    assert float(mv.tags["val_bpb"]) == pytest.approx(full.data.metrics["final_val_bpb"], rel=1e-4)
+    gen = subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", "models:/e2e@champion",
+                          "--prompt", "The history of", "--max-new-tokens", "8", "--seed", "1"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0 and gen.stdout.startswith("The history of")
