@@ -19,6 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
 from pipeline.errors import UserError
 
 OBJECTIVE = "objective"
@@ -177,28 +180,42 @@ class DefineByRun:
         return {"ctx": self.ctx}
 
 
+class DeadlineOptunaSearch(OptunaSearch):
+    """OptunaSearch that stops *suggesting* at the calibration deadline: trials already running
+    finish their (short, bounded) window instead of being killed, so even a small calibration
+    budget yields complete measurements."""
+
+    deadline = float("inf")
+
+    def suggest(self, trial_id):
+        if time.time() >= self.deadline:
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
+
+
 def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, seed: int,
               points: list[dict] | None = None, log=print) -> list[TrialRecord]:
     """Run the Optuna-driven Tune study for `seconds` (wall clock) and return every trial."""
     import optuna
     import ray
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     choices = space.choices
     define = DefineByRun(choices, ctx)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage.parent.mkdir(parents=True, exist_ok=True)
-    searcher = OptunaSearch(define, metric=OBJECTIVE, mode="min",
+    searcher = DeadlineOptunaSearch(define, metric=OBJECTIVE, mode="min",
                             sampler=optuna.samplers.TPESampler(seed=seed),
                             storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),
                             study_name=study_name, points_to_evaluate=points or None)
+    searcher.deadline = time.time() + seconds
     resources, concurrent = trial_resources(ray)
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, resources),
+        # time_budget_s is only a backstop: the searcher stops suggesting at the deadline.
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=10_000,
-                                    max_concurrent_trials=concurrent, time_budget_s=max(1.0, seconds),
-                                    reuse_actors=True),
+                                    max_concurrent_trials=concurrent,
+                                    time_budget_s=seconds + 2 * ctx["window_s"] + 60, reuse_actors=True),
         run_config=tune.RunConfig(name=study_name, storage_path=str(storage.parent.resolve() / "ray"),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()

@@ -1,8 +1,15 @@
 """Batches of (input, target) windows from a packed token array.
 
-Batch k is a pure function of (seed, k, rank): random window offsets drawn from
-`default_rng([seed, k, rank])`. So the loader's whole state is one integer (`position`), a
-checkpoint restores it exactly, and data-parallel ranks never draw the same windows.
+The windows of optimizer step s are drawn at once, `default_rng([seed, s])` → micro × accum ×
+world offsets, and micro-batch a of rank r takes slice (a·world + r). So
+
+* the loader's whole state is one integer (`position`, micro-batches consumed), which a
+  checkpoint restores exactly;
+* data-parallel ranks never read the same window in a step;
+* the global batch is the same set of windows whatever the split into ranks × accumulation
+  (1 worker × 2 micro-steps reads exactly what 2 workers × 1 micro-step read), which is what
+  lets a 2-worker run match a 1-worker run.
+
 A background thread prepares the next batches (pinned memory, non-blocking copies on CUDA).
 """
 from __future__ import annotations
@@ -24,10 +31,11 @@ def check_window(tokens: np.ndarray, seq_len: int, split: str) -> None:
 
 class BatchLoader:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, device: str | torch.device = "cpu", prefetch: int = 4):
+                 rank: int = 0, world: int = 1, accum: int = 1,
+                 device: str | torch.device = "cpu", prefetch: int = 4):
         check_window(tokens, seq_len, "train")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.device = torch.device(device)
         self.prefetch = prefetch
         self.position = 0          # index of the next batch handed out
@@ -35,10 +43,14 @@ class BatchLoader:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def make_batch(self, k: int, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = batch_size or self.batch_size
-        rng = np.random.default_rng([self.seed, k, self.rank])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=bs)
+    def make_batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch number k (counting every micro-step of this rank)."""
+        mb = self.batch_size
+        step, a = divmod(k, self.accum)
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=mb * self.accum * self.world)
+        first = (a * self.world + self.rank) * mb
+        starts = starts[first:first + mb]
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
         window = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return window[:, :-1], window[:, 1:]
@@ -81,12 +93,22 @@ class BatchLoader:
             self._thread.join()
             self._thread = None
 
+    def regroup(self, batch_size: int, accum: int) -> None:
+        """New micro-batch size and accumulation with the same global batch, restarting at the
+        start of the step in progress (its windows are then re-read in the new split)."""
+        self.close()
+        step = self.position // self.accum
+        self.batch_size, self.accum = batch_size, accum
+        self.position = step * accum
+
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed}
+        return {"position": self.position, "seed": self.seed, "accum": self.accum}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
         self.position, self.seed = int(state["position"]), int(state["seed"])
+        step = self.position // int(state.get("accum", self.accum))
+        self.position = step * self.accum
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None):

@@ -36,6 +36,7 @@ class TrainConfig:
     checkpoint_every_s: float = 300.0
     keep_checkpoints: int = 2
     seed: int = 0
+    data_fraction: float = 1.0      # train on the first share of the training tokens only
 
     def validate(self) -> None:
         checks = [
@@ -49,6 +50,7 @@ class TrainConfig:
             (self.seq_len > 0, "train.seq_len must be positive"),
             (self.batch_tokens >= self.seq_len, "train.batch_tokens must be at least one sequence (seq_len)"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be ≥ 1"),
+            (0 < self.data_fraction <= 1, "train.data_fraction must be in (0, 1]"),
             (self.eval_tokens > 0 and self.final_eval_tokens > 0, "train.eval_tokens must be positive"),
         ]
         for ok, message in checks:

@@ -32,6 +32,9 @@ from pipeline.train.config import RunConfig
 from pipeline.train.schedule import Budget, lr_multiplier
 
 
+STOPS = ["", "signal", "deadline", "tokens", "steps"]
+
+
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
@@ -106,15 +109,23 @@ class Trainer:
                  resume: bool = False, trial: bool = False, peak_flops: float | None = None,
                  log: Callable[[str], None] = print, loss_hook: Callable | None = None,
                  stop_after_steps: int | None = None, progress: bool = True,
-                 log_every_s: float = 5.0, model_init: Path | None = None):
+                 log_every_s: float = 5.0, model_init: Path | None = None,
+                 rank: int = 0, world: int = 1, wrap: Callable | None = None,
+                 resume_elapsed: bool = True, fault_hook: Callable | None = None):
         cfg.validate()
         self.cfg, self.data, self.budget = cfg, data, budget
         self.run_dir = Path(run_dir) if run_dir else None
         self.trial = trial                  # calibration: no checkpoints, no final eval, OOM raises
         self.device = pick_device(device)
-        self.tracker, self.log, self.loss_hook = tracker, log, loss_hook
+        self.tracker = tracker if rank == 0 else None
+        self.log = log if rank == 0 else (lambda *_: None)
+        self.loss_hook = loss_hook
         self.stop_after_steps, self.show_progress, self.log_every_s = stop_after_steps, progress, log_every_s
         self.peak_flops = peak_flops
+        # Data parallelism is applied from outside: `wrap` (e.g. Ray Train's prepare_model → DDP)
+        # produces the module the forward runs through; rank 0 evaluates, saves and logs.
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        self.resume_elapsed, self.fault_hook = resume_elapsed, fault_hook
         tc = cfg.train
         if exportable(cfg.model) and not trial:
             import transformers  # noqa: F401  (seconds to import: pay it now, not after the deadline)
@@ -134,11 +145,16 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.forward = torch.compile(self.model) if tc.compile else self.model
+        self.forward = wrap(self.model) if wrap else self.model
+        if tc.compile:
+            self.forward = torch.compile(self.forward)
         self.micro_batch = tc.micro_batch
-        self.accum = tc.accumulation
-        self.loader = BatchLoader(data.tokens("train"), tc.seq_len, self.micro_batch, seed=tc.seed,
-                                  device=self.device)
+        self.accum = max(1, tc.batch_tokens // (tc.micro_batch * tc.seq_len * world))
+        train_tokens = data.tokens("train")
+        if tc.data_fraction < 1:
+            train_tokens = train_tokens[: max(tc.seq_len + 1, int(len(train_tokens) * tc.data_fraction))]
+        self.loader = BatchLoader(train_tokens, tc.seq_len, self.micro_batch, seed=tc.seed,
+                                  rank=self.rank, world=self.world, accum=self.accum, device=self.device)
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0          # training seconds spent by earlier processes (resume)
@@ -178,7 +194,8 @@ class Trainer:
 
     def _restore_state(self, state: dict) -> None:
         self.step, self.tokens = state["step"], state["tokens"]
-        self.elapsed_before = state["elapsed_s"]
+        if self.resume_elapsed:  # else the clock is absolute (wall time since the run's start)
+            self.elapsed_before = state["elapsed_s"]
         self.lr_scale = state.get("lr_scale", 1.0)
         if state.get("micro_batch", self.micro_batch) != self.micro_batch:
             self._set_micro_batch(state["micro_batch"])
@@ -188,8 +205,7 @@ class Trainer:
     def _set_micro_batch(self, micro: int) -> None:
         total = self.micro_batch * self.accum
         self.micro_batch, self.accum = micro, max(1, total // micro)
-        self.loader.close()
-        self.loader.batch_size = micro
+        self.loader.regroup(micro, self.accum)
 
     # --- time ------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -202,7 +218,7 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch * self.accum * self.cfg.train.seq_len
+        return self.micro_batch * self.accum * self.cfg.train.seq_len * self.world
 
     # --- one optimizer step ----------------------------------------------------------------
     def _autocast(self):
@@ -215,14 +231,24 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         total = 0.0
-        for _ in range(self.accum):
+        for i in range(self.accum):
             x, y = self.loader.next()
-            with self._autocast():
-                loss = self.forward(x, y).loss / self.accum
-            if self.loss_hook is not None:
-                loss = self.loss_hook(self, loss)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            # DDP: all-reduce gradients only on the last micro-step of the accumulation
+            sync = (contextlib.nullcontext() if self.world == 1 or i == self.accum - 1
+                    else self.forward.no_sync())
+            with sync:
+                with self._autocast():
+                    loss = self.forward(x, y).loss / self.accum
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(self, loss)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+        if self.world > 1:  # every rank sees the global mean loss (the NaN decision must agree)
+            import torch.distributed as dist
+
+            total = total.to(self.device) if isinstance(total, torch.Tensor) else torch.tensor(total)
+            dist.all_reduce(total)
+            total = total / self.world
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
@@ -265,7 +291,7 @@ class Trainer:
                 "mlflow_run_id": self.tracker.id if self.tracker else None}
 
     def save_checkpoint(self) -> float:
-        if self.ckpt_root is None:
+        if self.ckpt_root is None or not self.is_main:
             return 0.0
         t = time.monotonic()
         ckpt.save(self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(),
@@ -315,7 +341,7 @@ class Trainer:
         reserve = 0.0
         if not self.trial:
             t = time.monotonic()
-            _, bpb0, n = self.evaluate(tc.eval_tokens)
+            _, bpb0, n = self.evaluate(tc.eval_tokens) if self.is_main else (0.0, 0.0, 1)
             per_token = (time.monotonic() - t) / n
             val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
             res.final_eval_s = per_token * val_tokens
@@ -323,6 +349,7 @@ class Trainer:
                 res.save_s = self.save_checkpoint()  # the rollback point, and a measured save time
             # final work: full-split eval + a checkpoint + native and HF model folders
             reserve = 1.2 * (res.final_eval_s + 3 * max(res.save_s, 0.05)) + 0.5
+            reserve = self._broadcast([reserve])[0]  # every rank plans with rank 0's reserve
             self._log_metrics({"val_bpb": bpb0}, force=True)
         res.reserve_s = reserve
         step_times: list[float] = []
@@ -330,24 +357,42 @@ class Trainer:
         last_eval = last_ckpt = last_log = self.elapsed()
         from pipeline.train.progress import ProgressDisplay
 
-        display = ProgressDisplay(self.budget, enabled=self.show_progress and not self.trial)
+        display = ProgressDisplay(self.budget, enabled=self.show_progress and not self.trial and self.is_main)
         with self._signals(), display:
             while True:
+                # Decide on rank 0 and share the decision, so data-parallel ranks never disagree
+                # about stopping, evaluating or checkpointing (a disagreement would hang them).
+                now = self.elapsed()
+                stop = ""
                 if self._stop_signal is not None:
+                    stop = "signal"
+                elif self.budget.timed and now + step_est + reserve > self.budget.seconds:
+                    stop = "deadline"
+                elif not self.budget.timed and self.tokens + self.tokens_per_step > self.budget.tokens:
+                    stop = "tokens"
+                elif self.stop_after_steps is not None and res.steps >= self.stop_after_steps:
+                    stop = "steps"
+                do_eval = not self.trial and res.steps > 0 and now - last_eval >= tc.eval_every_s
+                do_ckpt = not self.trial and res.steps > 0 and now - last_ckpt >= tc.checkpoint_every_s
+                code, do_eval, do_ckpt = self._broadcast([STOPS.index(stop), do_eval, do_ckpt])
+                stop = STOPS[int(code)]
+                if do_eval:
+                    last_eval = now
+                    if self.is_main:
+                        val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
+                        self._log_metrics({"val_loss": val_loss, "val_bpb": bpb}, force=True)
+                        display.note(f"step {self.step}: val bpb {bpb:.4f}")
+                if do_ckpt:
+                    last_ckpt = now
+                    res.save_s = max(res.save_s, self.save_checkpoint())
+                if stop == "signal":
                     self.save_checkpoint()
                     self.loader.close()
                     raise Interrupted(self.run_dir)
-                if self.budget.timed:
-                    if self.elapsed() + step_est + reserve > self.budget.seconds:
-                        if res.steps == 0 and not self.trial:
-                            self._deadline_error(None, reserve)
-                        res.stopped = "deadline"
-                        break
-                elif self.tokens + self.tokens_per_step > self.budget.tokens:
-                    res.stopped = "tokens"
-                    break
-                if self.stop_after_steps is not None and res.steps >= self.stop_after_steps:
-                    res.stopped = "steps"
+                if stop:
+                    if stop == "deadline" and res.steps == 0 and not self.trial:
+                        self._deadline_error(None, reserve)
+                    res.stopped = stop
                     break
                 p = self.progress(reserve)
                 lr = tc.lr * self.lr_scale * lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac)
@@ -381,28 +426,34 @@ class Trainer:
                 self.tokens += self.tokens_per_step
                 step_times.append(dt)
                 step_est = dt if len(step_times) == 1 else 0.8 * step_est + 0.2 * dt
+                step_est = self._broadcast([step_est])[0]
                 if len(step_times) == 1 and self.budget.timed and not self.trial:
                     self._check_deadline_feasible(dt, reserve)
                 now = self.elapsed()
                 res.loss_trace.append((round(now, 3), loss))
                 display.update(self, loss, step_times)
+                if self.fault_hook is not None:
+                    self.fault_hook(self)
                 if now - last_log >= self.log_every_s or res.steps <= 1:
                     last_log = now
                     self._log_metrics({"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                        "tokens_per_s": self._tps(step_times),
                                        "memory_bytes": peak_memory(self.device),
                                        "mfu": self._mfu(self._tps(step_times))})
-                if not self.trial and now - last_eval >= tc.eval_every_s:
-                    last_eval = now
-                    val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
-                    self._log_metrics({"val_loss": val_loss, "val_bpb": bpb}, force=True)
-                    display.note(f"step {self.step}: val bpb {bpb:.4f}")
-                if not self.trial and now - last_ckpt >= tc.checkpoint_every_s:
-                    last_ckpt = now
-                    res.save_s = max(res.save_s, self.save_checkpoint())
         self.loader.close()
         self._finish(step_times)
         return res
+
+    def _broadcast(self, values: list) -> list:
+        """Rank 0's values on every rank (identity without data parallelism)."""
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device=self.device if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, src=0)
+        return [type(v)(x) if isinstance(v, bool) else x for v, x in zip(values, t.tolist())]
 
     def _check_deadline_feasible(self, step_s: float, reserve: float) -> None:
         if self.elapsed() + step_s + reserve > self.budget.seconds:
@@ -452,7 +503,7 @@ class Trainer:
         if self.trial:
             return
         self.save_checkpoint()
-        if res.stopped == "steps":
+        if res.stopped == "steps" or not self.is_main:
             return
         t = time.monotonic()
         res.final_val_loss, res.final_val_bpb, _ = self.evaluate(tc.final_eval_tokens)

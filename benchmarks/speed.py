@@ -1,0 +1,54 @@
+"""Training tokens/s: our model vs transformers' LlamaForCausalLM of the same configuration, same
+AdamW, batch and precision, interleaved step by step, at three sizes."""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import interleaved, median, save
+from model import ModelConfig, Transformer
+
+SIZES = {  # name: (d_model, layers, heads, kv heads, seq, micro-batch)
+    "small (d128 L4)": (128, 4, 4, 2, 256, 16),
+    "medium (d256 L6)": (256, 6, 8, 2, 256, 8),
+    "large (d384 L8)": (384, 8, 6, 2, 256, 4),
+}
+
+
+def _step_fn(model, x, y, hf: bool):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step():
+        if hf:
+            loss = model(input_ids=x, labels=x).loss  # HF shifts labels internally
+        else:
+            loss = model(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def run(rounds: int = 8):
+    from transformers import LlamaForCausalLM
+
+    from model.hf import hf_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for name, (d, L, h, kv, seq, mb) in SIZES.items():
+        cfg = ModelConfig(vocab_size=4096, d_model=d, n_layers=L, n_heads=h, n_kv_heads=kv, max_seq_len=seq + 1)
+        torch.manual_seed(0)
+        ours = Transformer(cfg).to(device)
+        theirs = LlamaForCausalLM(hf_config(cfg)).to(device)  # default attention: SDPA
+        x = torch.randint(0, 4096, (mb, seq + 1), device=device)
+        times = interleaved({"ours": _step_fn(ours, x, None, False),
+                             "hf": _step_fn(theirs, x, None, True)}, rounds=rounds, warmup=2)
+        tokens = mb * seq
+        ours_tps, hf_tps = tokens / median(times["ours"]), tokens / median(times["hf"])
+        rows.append({"size": name, "params": sum(p.numel() for p in ours.parameters()),
+                     "ours_tokens_per_s": round(ours_tps), "hf_tokens_per_s": round(hf_tps),
+                     "ratio": round(ours_tps / hf_tps, 3)})
+    ratios = [r["ratio"] for r in rows]
+    summary = "ours/HF training tokens/s: " + ", ".join(f"{r['size']} {r['ratio']:.2f}×" for r in rows)
+    return save("speed_vs_hf", rows, summary, "≥ 1.3× on CPU", min(ratios) >= 1.3,
+                "python -m benchmarks run speed_vs_hf")
