@@ -49,3 +49,36 @@ def test_killed_worker_is_replaced_and_resumes_from_checkpoint(ray_local, tiny_d
     assert res["tokens"] == 8 * 2048                        # and the run still finished its budget
     assert ckpt.read_state(ckpt.latest(run_dir / "checkpoints"))["step"] == 8
     assert res["steps"] < 8                                 # the restarted group resumed, not restarted
+
+
+def test_autotune_runs_on_an_existing_cluster(tmp_path, isolated_home):
+    """`ray start --head` on loopback, then `autotune --address` plans there (trials on the cluster)."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=300000000",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", "5", "--space", "cpu-tiny",
+                              "--plan-only", "--yes", "--address", f"127.0.0.1:{port}", "--vocab-size", "512",
+                              "--max-tokens", "100000", "--out", str(tmp_path / "run")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+        state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+        assert plan["chosen"]["feasible"]
+        assert any(t["status"] == "ok" for t in state["stages"]["calibrate"]["trials"])
+        assert "Started a local Ray instance" not in out.stderr  # it used the cluster
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

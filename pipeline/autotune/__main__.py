@@ -79,6 +79,8 @@ def parse(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlflow-uri")
     p.add_argument("--address", help="Ray cluster: auto | ray://HOST:PORT | HOST:PORT")
+    p.add_argument("--workers", type=int, help="data-parallel workers for the full run "
+                   "(default: every GPU in the cluster; 1 on CPU)")
     p.add_argument("--model-name", help="registry name (default: from the data source)")
     p.add_argument("--out", help="run folder (default runs/autotune-<time>)")
     p.add_argument("--inject-oom", help=argparse.SUPPRESS)  # tests: JSON {knob: value} of trials to fail
@@ -262,6 +264,25 @@ def run(pipe: Pipeline, args) -> None:
             rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
                         measured=measured)
             best = rows[0]
+        workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
+        pipe.state["workers"] = workers
+        if workers > 1 and not pipe.done("plan"):
+            # A short measured multi-worker run of the choice gives the scaling efficiency; every
+            # candidate's throughput is scaled by workers × efficiency and the plan is redone.
+            from pipeline.train.distributed import train_distributed
+
+            probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
+            res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, n_gpus > 0,
+                                       tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
+                                       use_mlflow=False, log=log)
+            single = measured.get(best.key) or best.tokens_per_s
+            efficiency = min(1.0, res["tokens_per_s"] / (workers * single))
+            pipe.state["scaling_efficiency"] = efficiency
+            log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
+            factor = workers * efficiency
+            rows = plan(cands, Scaled(tput, factor), mem, train_seconds(), data.unique_train_tokens,
+                        memory_limit=limit, measured={k: v * factor for k, v in measured.items()})
+            best = rows[0]
     # Ray is shut down here: the full run gets every core and all the memory.
     predicted_tps = tput.tokens_per_s(shape(best.candidate))
     reason = why(best, rows)
@@ -286,7 +307,7 @@ def run(pipe: Pipeline, args) -> None:
 
     # 6. train -------------------------------------------------------------------------------
     from pipeline.train.config import apply_overrides
-    from pipeline.train.engine import Interrupted
+    from pipeline.train.engine import Interrupted, result_dict
     from pipeline.train.run import train_run
     from pipeline.train.schedule import Budget
 
@@ -300,43 +321,48 @@ def run(pipe: Pipeline, args) -> None:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):
             raise UserError("not launched; rerun with --resume to continue from the plan")
-    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}")
+    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}"
+        + (f" on {pipe.state['workers']} workers" if pipe.state.get("workers", 1) > 1 else ""))
     try:
-        if resume_full:
+        if pipe.state.get("workers", 1) > 1:
+            result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent.id, n_gpus)
+        elif resume_full:
             from pipeline.train.run import load_resume
 
             cfg, st = load_resume(full_dir, None)
-            result, run_id = train_run(cfg, Budget(seconds=st["budget_seconds"]), full_dir, resume=True,
-                                       mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
-                                       data=data, log=log)
+            res, run_id = train_run(cfg, Budget(seconds=st["budget_seconds"]), full_dir, resume=True,
+                                    mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
+                                    data=data, log=log)
+            result = result_dict(res)
         else:
-            result, run_id = train_run(cfg, Budget(seconds=seconds), full_dir, mlflow_uri=args.mlflow_uri,
-                                       parent_run_id=parent.id, data=data, log=log,
-                                       tags={"pufferfish.autotune_run": parent.id})
+            res, run_id = train_run(cfg, Budget(seconds=seconds), full_dir, mlflow_uri=args.mlflow_uri,
+                                    parent_run_id=parent.id, data=data, log=log,
+                                    tags={"pufferfish.autotune_run": parent.id})
+            result = result_dict(res)
     except Interrupted:
         raise KeyboardInterrupt from None
-    pipe.finish("train", {"run_id": run_id, "val_bpb": result.final_val_bpb,
-                          "tokens_per_s": result.tokens_per_s, "tokens": result.tokens})
+    pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
+                          "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"]})
 
     # 7. register ----------------------------------------------------------------------------
     from model.config import param_counts
     from pipeline.registry import default_name, register
 
     name = args.model_name or default_name(data.meta["source"])
-    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
+    reg = register(Path(result["model_dir"]), name, run_id=run_id, val_bpb=result["final_val_bpb"],
                    data_fingerprint=data.folder.name, tokenizer_hash=data.meta["tokenizer_hash"],
                    tags={"budget": f"{pipe.budget_s / 60:.1f}min", "hardware": hw.name,
                          "params": str(param_counts(cfg.model)["total"]), "autotune_run_id": parent.id,
                          "predicted_tokens_per_s": f"{predicted_tps:.0f}",
-                         "achieved_tokens_per_s": f"{result.tokens_per_s:.0f}", "tokenizer": data.meta["tokenizer"]},
+                         "achieved_tokens_per_s": f"{result['tokens_per_s']:.0f}", "tokenizer": data.meta["tokenizer"]},
                    description=f"{short(chosen)}; {reason}", log=log)
     pipe.finish("register", asdict(reg))
     for p in plots(pipe.run_dir, list(zip(tps, leave_one_out_predictions(shapes, tps))),
-                   rows, best, result.loss_trace):
+                   rows, best, result["loss_trace"]):
         parent.log_artifact(p)
     timings = pipe.state["timings"]
     total = pipe.elapsed_before + time.monotonic() - STARTED
-    parent.log_metrics({"val_bpb": result.final_val_bpb, "achieved_tokens_per_s": result.tokens_per_s,
+    parent.log_metrics({"val_bpb": result["final_val_bpb"], "achieved_tokens_per_s": result["tokens_per_s"],
                         "wall_s": total, "wall_over_budget": total / pipe.budget_s,
                         **{f"time_{k}_s": v for k, v in timings.items()}}, step=1)
     parent.end("FINISHED")
@@ -344,12 +370,44 @@ def run(pipe: Pipeline, args) -> None:
     console.print(
         f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
         f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params)\n"
-        f"  tokens/s   predicted {predicted_tps:,.0f}, achieved {result.tokens_per_s:,.0f}\n"
-        f"  val bpb    {result.final_val_bpb:.4f} on {result.tokens / 1e6:.1f}M training tokens\n"
+        f"  tokens/s   predicted {predicted_tps:,.0f}, achieved {result['tokens_per_s']:,.0f}\n"
+        f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens\n"
         f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"
         f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"
         f"  generate   python -m pipeline.generate --model models:/{reg.name}@champion --prompt \"The\"")
+
+
+class Scaled:
+    """A throughput model multiplied by a factor (data-parallel workers × measured efficiency)."""
+
+    def __init__(self, model, factor: float):
+        self.model, self.factor = model, factor
+
+    def tokens_per_s(self, shape) -> float:
+        return self.model.tokens_per_s(shape) * self.factor
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+
+
+def _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent_id, n_gpus):
+    """The full run on Ray Train workers; resuming shifts the window by the time spent stopped."""
+    from pipeline.autotune.calibrate import ray_session
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.distributed import train_distributed
+
+    last = ckpt.latest(full_dir / "checkpoints")
+    start = time.time()
+    if last is not None:
+        st = ckpt.read_state(last)
+        seconds, start = st["budget_seconds"], time.time() - st["elapsed_s"]
+    with ray_session(args.address, os.cpu_count() or 1, n_gpus, log=log):
+        return train_distributed(cfg, data, full_dir, pipe.state["workers"], n_gpus > 0, seconds=seconds,
+                                 start_epoch=start, mlflow_uri=args.mlflow_uri, parent_run_id=parent_id, log=log)
 
 
 def _log_trials(records, experiment_id: str, parent_id: str) -> None:

@@ -58,7 +58,11 @@ def main(argv=None):
     p.add_argument("--mlflow-uri")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--device")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers through Ray Train")
+    p.add_argument("--address", help="Ray cluster for --workers (default: a local Ray instance)")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers must be ≥ 1, got {args.workers}")
 
     config = RunConfig.load(args.config) if args.config else None
     if args.resume:
@@ -75,6 +79,8 @@ def main(argv=None):
         if budget is None:
             raise UserError("give a budget: --minutes M, --hours H or --tokens N")
         run_dir, run_id = new_run_dir(args.out), None
+    if args.workers > 1:
+        return _data_parallel(args, cfg, budget, run_dir)
     try:
         result, _ = train_run(cfg, budget, run_dir, resume=bool(args.resume), mlflow_uri=args.mlflow_uri,
                               run_id=run_id, use_mlflow=not args.no_mlflow, device=args.device,
@@ -84,6 +90,34 @@ def main(argv=None):
         sys.exit(130)
     print(f"run folder: {run_dir}")
     print(f"model: {result.model_dir}")
+
+
+def _data_parallel(args, cfg, budget, run_dir):
+    import os
+
+    import torch
+
+    from pipeline.autotune.calibrate import ray_session
+    from pipeline.data.cache import prepare
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.distributed import train_distributed
+    from pipeline.train.run import fit_vocab
+
+    data = prepare(cfg.data)
+    if not args.resume:
+        fit_vocab(cfg, data)
+    # the deadline is absolute wall-clock for the workers; a resume shifts it by the time stopped
+    start = time.time() - (time.monotonic() - STARTED)
+    last = ckpt.latest(run_dir / "checkpoints")
+    if last is not None and budget.timed:
+        start = time.time() - ckpt.read_state(last)["elapsed_s"]
+    gpus = torch.cuda.device_count()
+    with ray_session(args.address, os.cpu_count() or 1, gpus):
+        result, _ = train_distributed(cfg, data, run_dir, args.workers, gpus > 0, seconds=budget.seconds,
+                                      tokens=budget.tokens, start_epoch=start, mlflow_uri=args.mlflow_uri,
+                                      use_mlflow=not args.no_mlflow)
+    print(f"run folder: {run_dir}")
+    print(f"model: {result['model_dir']}")
 
 
 if __name__ == "__main__":
