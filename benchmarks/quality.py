@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -77,11 +78,13 @@ def run(minutes=(10,)):
     tmp = Path(tempfile.mkdtemp())
     rows = []
     for m in minutes:
+        started = time.monotonic()
         auto = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", str(m), "--yes",
                                "--out", str(tmp / f"auto{m}"), "--model-name", "bench-quality"],
                               capture_output=True, text=True)
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
+        auto_wall = time.monotonic() - started
         state = json.loads((tmp / f"auto{m}" / "pipeline.json").read_text())
         auto_bpb = state["stages"]["train"]["val_bpb"]
         table_bpb = _train(table_config(m / 60, vocab), m, tmp / f"table{m}")
@@ -90,6 +93,8 @@ def run(minutes=(10,)):
         rows.append({"budget_min": m, "autotune_bpb": round(auto_bpb, 4), "table_bpb": round(table_bpb, 4),
                      "nanochat_bpb": round(nano_bpb, 4), "autotune_over_table": round(auto_bpb / table_bpb, 4),
                      "autotune_over_nanochat": round(auto_bpb / nano_bpb, 4),
+                     "autotune_wall_over_budget": round(auto_wall / (m * 60), 4),
+                     "autotune_timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
                      "autotune_choice": state["stages"]["plan"]["chosen"],
                      "table_choice": table_config(m / 60, vocab)["model"] | {"data_fraction": table_config(m / 60, vocab)["train"]["data_fraction"]},
                      "nanochat_choice": nano_cfg["model"], "nanochat_depth_trials": trace})

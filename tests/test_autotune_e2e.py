@@ -1,24 +1,46 @@
-"""The product end to end on CPU: autotune on the embedded data with a tiny space, interrupted
-during the full run with Ctrl-C and resumed; then the registry, nested MLflow runs, artifacts,
-the injected out-of-memory trial and generation from the registered model are checked."""
+"""The product end to end on CPU: autotune on the embedded data with a tiny space, on a Ray
+cluster started with `ray start --head` on loopback (`--address`), interrupted during the full run
+with Ctrl-C and resumed; then the registry, nested MLflow runs, artifacts, the injected
+out-of-memory trial and generation from the registered model are checked."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
 
-def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+@pytest.fixture
+def ray_cluster():
+    """A real Ray head node on loopback, stopped afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=300000000",
+                            "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home, ray_cluster):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "RAY_AUTH_MODE": "disabled"}
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "pipeline.autotune", "--minutes", "5", "--space", "cpu-tiny", "--yes",
            "--vocab-size", "512", "--max-tokens", "200000", "--out", str(run_dir), "--model-name", "e2e",
-           "--inject-oom", json.dumps({"n_heads": 4, "n_layers": 3})]
+           "--address", ray_cluster, "--inject-oom", json.dumps({"n_heads": 4, "n_layers": 3})]
     started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckdir = run_dir / "full" / "checkpoints"
@@ -28,6 +50,7 @@ def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
+    assert "Started a local Ray instance" not in err  # calibration ran on the cluster
     assert f"--resume {run_dir}" in err
     state = json.loads((run_dir / "pipeline.json").read_text())
     assert {"probe", "data", "calibrate", "plan"} <= set(state["stages"]) and "train" not in state["stages"]
