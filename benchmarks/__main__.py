@@ -9,16 +9,17 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["speed_vs_hf", "data", "generation", "deadline", "quality"]
+ORDER = ["speed_vs_hf", "data", "generation", "predictor", "deadline", "quality"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
-          "deadline": "Wall-clock adherence", "quality": "Autotune vs the predecessor's table (headline)"}
+          "deadline": "Wall-clock adherence", "predictor": "Throughput predictor on held-out configurations", "quality": "Autotune vs the predecessor's table (headline)"}
 
 
 def runners():
-    from benchmarks import data_bench, deadline, generation, quality, speed
+    from benchmarks import data_bench, deadline, generation, predictor, quality, speed
 
     return {"speed_vs_hf": speed.run, "data": data_bench.run, "generation": generation.run,
+            "predictor": predictor.run,
             "deadline": deadline.run, "quality": quality.run}
 
 

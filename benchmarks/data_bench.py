@@ -13,15 +13,20 @@ from benchmarks.common import save
 
 
 def _generated_corpus(folder: Path, mb: int = 100) -> Path:
+    """Zipf-distributed pseudo-words from random syllables: a vocabulary rich enough for BPE."""
     rng = np.random.default_rng(0)
-    words = np.array(Path(__file__).read_text().split() * 3)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in ["a", "e", "i", "o", "u", "ai", "ou", "ee"]]
+    lexicon = np.array(["".join(rng.choice(syllables, rng.integers(1, 4))) for _ in range(60_000)])
+    p = 1.0 / np.arange(1, len(lexicon) + 1) ** 1.1
+    p /= p.sum()
     path = folder / "generated.txt"
     with open(path, "w") as f:
         written = 0
         while written < mb * 2**20:
-            para = " ".join(rng.choice(words, 120)) + "\n\n"
-            f.write(para)
-            written += len(para)
+            words = rng.choice(lexicon, size=(500, 120), p=p)
+            block = "".join(" ".join(row) + ".\n\n" for row in words)
+            f.write(block)
+            written += len(block)
     return path
 
 

@@ -40,6 +40,12 @@ class ModelConfig:
     aux_loss_coef: float = 1e-2
     activation_checkpointing: bool = False
     init_std: float = 0.02
+    # LoRA fine-tuning: rank 0 = off. Targets are linear-module names (model/lora.py).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"])
+    lora_train_embeddings: bool = True  # fine-tuning adds chat tokens whose embeddings must learn
     extra: dict = field(default_factory=dict)  # free-form notes carried along, never read by the model
 
     def __post_init__(self) -> None:
@@ -79,6 +85,10 @@ class ModelConfig:
             raise ConfigError(f"model.norm_eps must be positive, got {self.norm_eps}")
         if self.n_experts < 0:
             raise ConfigError(f"model.n_experts must be ≥ 0 (0 = dense), got {self.n_experts}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"model.lora_rank must be ≥ 0 (0 = no LoRA), got {self.lora_rank}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ConfigError(f"model.lora_alpha must be positive, got {self.lora_alpha}")
         if self.n_experts:
             if not 1 <= self.top_k <= self.n_experts:
                 raise ConfigError(f"model.top_k ({self.top_k}) must be between 1 and model.n_experts "
@@ -142,15 +152,32 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     layer_active = attn + norms + ffn_active
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     final_norm = d
-    non_emb = cfg.n_layers * layer_total + final_norm
-    active_non_emb = cfg.n_layers * layer_active + final_norm
+    lora = cfg.n_layers * _lora_per_layer(cfg) if cfg.lora_rank else 0
+    non_emb = cfg.n_layers * layer_total + final_norm + lora
+    active_non_emb = cfg.n_layers * layer_active + final_norm + lora
     return {
         "total": non_emb + embedding,
         "embedding": embedding,
         "non_embedding": non_emb,
         "active": active_non_emb + embedding,
         "active_non_embedding": active_non_emb,
+        "lora": lora,
     }
+
+
+def _lora_per_layer(cfg: ModelConfig) -> int:
+    """LoRA parameters r·(in + out) for each targeted nn.Linear of one block."""
+    d, hd, r = cfg.d_model, cfg.head_dim, cfg.lora_rank
+    linears = {"q_proj": (d, cfg.n_heads * hd), "k_proj": (d, cfg.n_kv_heads * hd),
+               "v_proj": (d, cfg.n_kv_heads * hd), "o_proj": (cfg.n_heads * hd, d)}
+    if not cfg.is_moe:
+        linears.update(gate_proj=(d, cfg.ffn_hidden), up_proj=(d, cfg.ffn_hidden), down_proj=(cfg.ffn_hidden, d))
+    else:
+        linears["router"] = (d, cfg.n_experts)
+        if cfg.shared_expert:  # the routed experts are batched tensors, not nn.Linear
+            linears.update(gate_proj=(d, cfg.moe_ffn_hidden), up_proj=(d, cfg.moe_ffn_hidden),
+                           down_proj=(cfg.moe_ffn_hidden, d))
+    return sum(r * (i + o) for name, (i, o) in linears.items() if name in cfg.lora_targets)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:

@@ -212,6 +212,25 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        if cfg.lora_rank:
+            from model.lora import apply_lora
+
+            apply_lora(self, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha)
+            if cfg.lora_train_embeddings:
+                self.embed_tokens.weight.requires_grad = True
+
+    def merged(self) -> "Transformer":
+        """A plain model with LoRA folded into the weights (for export); self if no LoRA."""
+        if not self.cfg.lora_rank:
+            return self
+        import copy
+        import dataclasses
+
+        from model.lora import merge_lora
+
+        out = merge_lora(copy.deepcopy(self))
+        out.cfg = dataclasses.replace(self.cfg, lora_rank=0)
+        return out
 
     def reset_parameters(self) -> None:
         std = self.cfg.init_std

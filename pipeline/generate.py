@@ -78,7 +78,8 @@ class Generator:
 
     @torch.no_grad()
     def generate_ids(self, ids: list[int], s: Sampling, use_cache: bool = True,
-                     on_token: Callable[[int], None] | None = None) -> list[int]:
+                     on_token: Callable[[int], None] | None = None,
+                     stop_ids: set[int] | None = None) -> list[int]:
         s.validate(self.model.cfg.vocab_size)
         gen = torch.Generator(device="cpu").manual_seed(s.seed)
         window = self.context
@@ -93,7 +94,7 @@ class Generator:
             out.append(nxt)
             if on_token:
                 on_token(nxt)
-            if nxt == self.eos:
+            if nxt == self.eos or (stop_ids and nxt in stop_ids):
                 break
             if use_cache:
                 if cache.length >= window:  # slide: re-encode the most recent half-context
@@ -204,6 +205,35 @@ def run_once(gen: Generator, prompt: str, s: Sampling, beams: int, stream: bool)
         print(prompt + gen.decode(gen.generate_ids(ids, s)))
 
 
+def chat_repl(gen: Generator, s: Sampling) -> None:
+    """A conversation: the model's chat template wraps every turn; replies stop at <|end|>."""
+    from pipeline.chat import END, encode_chat
+
+    if END not in gen.tokenizer.get_vocab():
+        raise UserError("this model has no chat template; fine-tune it first with python -m pipeline.finetune")
+    end_id = gen.tokenizer.convert_tokens_to_ids(END)
+    messages: list[dict] = []
+    print("Chat. /reset clears the conversation; /exit quits.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids, _ = encode_chat(gen.tokenizer, messages, add_generation_prompt=True)
+        out = gen.generate_ids(ids, s, stop_ids={end_id})
+        reply = gen.decode([t for t in out if t != end_id]).strip()
+        print(f"model> {reply}")
+        messages.append({"role": "assistant", "content": reply})
+
+
 def repl(gen: Generator, s: Sampling, beams: int, stream: bool) -> None:
     try:
         import readline  # noqa: F401  (history and line editing for input())
@@ -256,6 +286,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--chat", action="store_true", help="conversation REPL using the model's chat template")
     p.add_argument("--device")
     p.add_argument("--mlflow-uri")
     args = p.parse_args(argv)
@@ -272,7 +303,9 @@ def main(argv=None):
 
     gen = load_generator(resolve_model_dir(args.model), args.device)
     s.validate(gen.model.cfg.vocab_size)
-    if args.prompt is None:
+    if args.chat:
+        chat_repl(gen, s)
+    elif args.prompt is None:
         repl(gen, s, args.beams, args.stream)
     else:
         run_once(gen, args.prompt, s, args.beams, args.stream)

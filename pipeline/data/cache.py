@@ -68,6 +68,11 @@ class PreparedData:
     def tokens(self, split: str) -> np.ndarray:
         return np.memmap(self.folder / f"{split}.bin", dtype=self.meta["dtype"], mode="r")
 
+    def mask(self, split: str) -> np.ndarray | None:
+        """Per-token loss mask (uint8, 1 = trained on) for fine-tuning data; None for pretraining."""
+        path = self.folder / f"{split}.mask"
+        return np.memmap(path, dtype=np.uint8, mode="r") if path.is_file() else None
+
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]

@@ -32,8 +32,9 @@ def check_window(tokens: np.ndarray, seq_len: int, split: str) -> None:
 class BatchLoader:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, accum: int = 1,
-                 device: str | torch.device = "cpu", prefetch: int = 4):
+                 device: str | torch.device = "cpu", prefetch: int = 4, mask: np.ndarray | None = None):
         check_window(tokens, seq_len, "train")
+        self.mask = mask  # optional per-token loss mask (fine-tuning): 0 → target ignored (-100)
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world, self.accum = seed, rank, world, accum
         self.device = torch.device(device)
@@ -52,8 +53,7 @@ class BatchLoader:
         first = (a * self.world + self.rank) * mb
         starts = starts[first:first + mb]
         idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
-        window = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        return window[:, :-1], window[:, 1:]
+        return _window(self.tokens, self.mask, idx)
 
     # --- prefetching iterator --------------------------------------------------------------
     def _worker(self, start: int) -> None:
@@ -111,7 +111,16 @@ class BatchLoader:
         self.position = step * self.accum
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None):
+def _window(tokens: np.ndarray, mask: np.ndarray | None, idx: np.ndarray):
+    window = torch.from_numpy(tokens[idx].astype(np.int64))
+    x, y = window[:, :-1], window[:, 1:].clone()
+    if mask is not None:
+        y[torch.from_numpy(mask[idx][:, 1:] == 0)] = -100  # cross_entropy's ignore_index
+    return x, y
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None,
+                 mask: np.ndarray | None = None):
     """Non-overlapping windows in order over a split (deterministic; the same every evaluation)."""
     check_window(tokens, seq_len, "validation")
     n = len(tokens) - 1
@@ -122,5 +131,4 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: 
     for i in range(0, n_windows, batch_size):
         s = starts[i:i + batch_size]
         idx = s[:, None] + np.arange(seq_len + 1)[None, :]
-        window = torch.from_numpy(tokens[idx].astype(np.int64))
-        yield window[:, :-1], window[:, 1:]
+        yield _window(tokens, mask, idx)

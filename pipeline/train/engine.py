@@ -135,9 +135,14 @@ class Trainer:
         check_window(data.tokens("val"), tc.seq_len, "validation")
         torch.manual_seed(tc.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        if model_init is not None:
+        if model_init is not None:  # fine-tuning: start from a base model's weights
             from safetensors.torch import load_file
-            self.model.load_state_dict(load_file(str(model_init), device=str(self.device)))
+
+            missing, unexpected = self.model.load_state_dict(
+                load_file(str(model_init), device=str(self.device)), strict=False)
+            if unexpected or any("lora_" not in k for k in missing):
+                raise UserError(f"{model_init} does not match the model config (missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]})")
         self.optimizer = build_optimizer(self.model, tc)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -150,11 +155,14 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.micro_batch = tc.micro_batch
         self.accum = max(1, tc.batch_tokens // (tc.micro_batch * tc.seq_len * world))
-        train_tokens = data.tokens("train")
+        train_tokens, train_mask = data.tokens("train"), data.mask("train")
         if tc.data_fraction < 1:
-            train_tokens = train_tokens[: max(tc.seq_len + 1, int(len(train_tokens) * tc.data_fraction))]
+            keep = max(tc.seq_len + 1, int(len(train_tokens) * tc.data_fraction))
+            train_tokens = train_tokens[:keep]
+            train_mask = train_mask[:keep] if train_mask is not None else None
         self.loader = BatchLoader(train_tokens, tc.seq_len, self.micro_batch, seed=tc.seed,
-                                  rank=self.rank, world=self.world, accum=self.accum, device=self.device)
+                                  rank=self.rank, world=self.world, accum=self.accum, device=self.device,
+                                  mask=train_mask)
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0          # training seconds spent by earlier processes (resume)
@@ -271,12 +279,17 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for x, y in eval_batches(self.data.tokens("val"), self.cfg.train.seq_len,
-                                 self.micro_batch, max_tokens):
+                                 self.micro_batch, max_tokens, mask=self.data.mask("val")):
             x, y = x.to(self.device), y.to(self.device)
+            n = int((y != -100).sum())
+            if n == 0:
+                continue
             with self._autocast():
                 loss = self.model(x, y).loss
-            total += float(loss) * y.numel()
-            count += y.numel()
+            total += float(loss) * n
+            count += n
+        if count == 0:
+            raise UserError("the validation split has no trained-on tokens (every target is masked)")
         mean = total / count
         bpb = bits_per_byte(mean, count, count * self.data.bytes_per_token("val"))
         return mean, bpb, count
@@ -520,11 +533,12 @@ class Trainer:
     def save_model(self, folder: Path) -> Path:
         """The final model folder: native weights + config, tokenizer, and the HF export."""
         folder.mkdir(parents=True, exist_ok=True)
-        save_native(self.model, folder / "native")
+        model = self.model.merged()  # LoRA folds into the weights: exports are plain models
+        save_native(model, folder / "native")
         tok = self.data.tokenizer()
         tok.save_pretrained(folder / "native")
-        if exportable(self.cfg.model):
-            export_hf(self.model, folder / "hf", tokenizer=tok)
+        if exportable(model.cfg):
+            export_hf(model, folder / "hf", tokenizer=tok)
         self.cfg.save(folder / "run.yaml")
         return folder
 

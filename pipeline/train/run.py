@@ -52,7 +52,8 @@ def train_run(cfg: RunConfig, budget: Budget, run_dir: Path, *, resume: bool = F
               mlflow_uri: str | None = None, parent_run_id: str | None = None,
               run_id: str | None = None, tags: dict | None = None, data: PreparedData | None = None,
               log=print, use_mlflow: bool = True, device: str | None = None,
-              budget_started: float | None = None) -> tuple[TrainResult, str | None]:
+              budget_started: float | None = None, model_init: Path | None = None,
+              fit_vocab_to_data: bool = True) -> tuple[TrainResult, str | None]:
     """Train `cfg` to `budget` in `run_dir`. A timed budget counts from `budget_started`
     (monotonic; default now), so data preparation and MLflow set-up are inside the deadline."""
     started = budget_started if budget_started is not None else time.monotonic()
@@ -60,7 +61,8 @@ def train_run(cfg: RunConfig, budget: Budget, run_dir: Path, *, resume: bool = F
     if data is None:
         data = prepare(cfg.data, log=log)
     if not resume:
-        fit_vocab(cfg, data)
+        if fit_vocab_to_data:
+            fit_vocab(cfg, data)
         cfg.save(run_dir / "config.yaml")
     hw = hardware.probe()
     tracker = None
@@ -75,7 +77,8 @@ def train_run(cfg: RunConfig, budget: Budget, run_dir: Path, *, resume: bool = F
     if budget.timed:  # the clock started before data and MLflow set-up: they are inside the deadline
         budget = Budget(seconds=budget.seconds, clock=budget.clock, start=started)
     trainer = Trainer(cfg, data, budget, run_dir=run_dir, device=device, tracker=tracker,
-                      resume=resume, peak_flops=hw.peak_flops, log=log)
+                      resume=resume, peak_flops=hw.peak_flops, log=log,
+                      model_init=None if resume else model_init)
     try:
         result = trainer.run()
     except Interrupted:
