@@ -9,6 +9,7 @@ import time
 STARTED = time.monotonic()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -46,8 +47,9 @@ def resize_embeddings(model, vocab: int) -> None:
 @cli
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pipeline.finetune", description=__doc__)
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS | models:/NAME/VERSION | PATH")
-    p.add_argument("--data", required=True, help="chat JSONL file(s)/glob, or a hub dataset name")
+    p.add_argument("--model", help="models:/NAME@ALIAS | models:/NAME/VERSION | PATH")
+    p.add_argument("--data", help="chat JSONL file(s)/glob, or a hub dataset name")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tune on its deadline")
     add_budget_args(p, tokens=False)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
@@ -61,6 +63,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mlflow-uri")
     args = p.parse_args(argv)
+    if args.resume:
+        return _resume(args)
+    if not args.model or not args.data:
+        raise UserError("give --model and --data (or --resume RUN_DIR)")
     budget = budget_from_args(args)
     if budget is None:
         raise UserError("give a budget: --minutes M or --hours H")
@@ -75,7 +81,7 @@ def main(argv=None):
     from pipeline import chat, tracking
     from pipeline.data.cache import PreparedData
     from pipeline.data.tokenizer import load_saved, tokenizer_hash
-    from pipeline.registry import register, resolve_model_dir
+    from pipeline.registry import resolve_model_dir
     from pipeline.train.config import RunConfig, TrainConfig
     from pipeline.train.run import new_run_dir, train_run
 
@@ -94,6 +100,7 @@ def main(argv=None):
     data_dir = run_dir / "data"
     meta = chat.pack(tok, conversations, data_dir, val_fraction=0.1, seed=args.seed)
     meta["tokenizer_hash"] = tokenizer_hash(tok)
+    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     if args.no_mask:
         for split in ("train", "val"):
             (data_dir / f"{split}.mask").unlink()
@@ -113,10 +120,99 @@ def main(argv=None):
                        weight_decay=0.0 if not args.full else 0.1, eval_every_s=60, seed=args.seed)
     cfg = RunConfig(model=ModelConfig.from_dict(dataclasses.asdict(mcfg)), train=tcfg)
     mode = "full" if args.full else f"lora r={args.lora_rank} alpha={args.lora_alpha}"
-    result, run_id = train_run(cfg, budget, run_dir, mlflow_uri=args.mlflow_uri, data=data, log=log,
-                               budget_started=STARTED, model_init=init, fit_vocab_to_data=False,
-                               tags={"pufferfish.kind": "finetune", "base_model": args.model,
-                                     "finetune": mode, "data.path": args.data})
+    lineage = {"base_model": args.model, "finetune": mode, "data": args.data, "model_name": args.model_name}
+    (run_dir / "finetune.json").write_text(json.dumps(lineage))
+    from pipeline.train.engine import Interrupted
+
+    try:
+        result, run_id = train_run(cfg, budget, run_dir, mlflow_uri=args.mlflow_uri, data=data, log=log,
+                                   budget_started=STARTED, model_init=init, fit_vocab_to_data=False,
+                                   tags={"pufferfish.kind": "finetune", "base_model": args.model,
+                                         "finetune": mode, "data.path": args.data})
+    except Interrupted:
+        print(f"interrupted; resume with: python -m pipeline.finetune --resume {run_dir}", file=sys.stderr)
+        sys.exit(130)
+    _register(result, run_id, lineage, meta)
+
+
+def _register(result, run_id, lineage: dict, meta: dict) -> None:
+    from pipeline.registry import register
+
+    base = lineage["base_model"]
+    base_name = base.split("/")[1].split("@")[0] if base.startswith("models:/") else Path(base).name
+    name = lineage.get("model_name") or f"{base_name}-chat"
+    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
+                   data_fingerprint=f"chat:{meta['splits']['val']['tokens']}:{Path(lineage['data']).name}",
+                   tokenizer_hash=meta["tokenizer_hash"],
+                   tags={"base_model": base, "finetune": lineage["finetune"], "data": lineage["data"],
+                         "val_loss": f"{result.final_val_loss:.6f}"},
+                   description=f"{lineage['finetune']} fine-tune of {base} on {lineage['data']}", log=log)
+    print(f"validation loss on held-out conversations: {result.final_val_loss:.4f}", file=sys.stderr)
+    print(f"chat with it: python -m pipeline.generate --model models:/{reg.name}@champion --chat")
+
+
+def _resume(args) -> None:
+    from pipeline import tracking
+    from pipeline.data.cache import PreparedData
+    from pipeline.train.engine import Interrupted
+    from pipeline.train.run import load_resume, train_run
+    from pipeline.train.schedule import Budget
+
+    run_dir = Path(args.resume).resolve()
+    if not (run_dir / "finetune.json").is_file():
+        raise UserError(f"{run_dir} is not a fine-tuning run folder (no finetune.json)")
+    cfg, state = load_resume(run_dir, None)
+    lineage = json.loads((run_dir / "finetune.json").read_text())
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    tracking.setup(args.mlflow_uri)
+    try:
+        result, run_id = train_run(cfg, Budget(seconds=state["budget_seconds"]), run_dir, resume=True,
+                                   mlflow_uri=args.mlflow_uri, run_id=state.get("mlflow_run_id"),
+                                   data=PreparedData(run_dir / "data", meta), log=log, budget_started=STARTED)
+    except Interrupted as exc:
+        print(str(exc).replace("pipeline.train", "pipeline.finetune"), file=sys.stderr)
+        sys.exit(130)
+    _register(result, run_id, lineage, meta)
+
+
+def _register(result, run_id, lineage: dict, meta: dict) -> None:
+    from pipeline.registry import register
+
+    base = lineage["base_model"]
+    base_name = base.split("/")[1].split("@")[0] if base.startswith("models:/") else Path(base).name
+    name = lineage.get("model_name") or f"{base_name}-chat"
+    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
+                   data_fingerprint=f"chat:{meta['splits']['val']['tokens']}:{Path(lineage['data']).name}",
+                   tokenizer_hash=meta["tokenizer_hash"],
+                   tags={"base_model": base, "finetune": lineage["finetune"], "data": lineage["data"],
+                         "val_loss": f"{result.final_val_loss:.6f}"},
+                   description=f"{lineage['finetune']} fine-tune of {base} on {lineage['data']}", log=log)
+    print(f"validation loss on held-out conversations: {result.final_val_loss:.4f}", file=sys.stderr)
+    print(f"chat with it: python -m pipeline.generate --model models:/{reg.name}@champion --chat")
+
+
+def _resume(args) -> None:
+    from pipeline import tracking
+    from pipeline.data.cache import PreparedData
+    from pipeline.train.engine import Interrupted
+    from pipeline.train.run import load_resume, train_run
+    from pipeline.train.schedule import Budget
+
+    run_dir = Path(args.resume).resolve()
+    if not (run_dir / "finetune.json").is_file():
+        raise UserError(f"{run_dir} is not a fine-tuning run folder (no finetune.json)")
+    cfg, state = load_resume(run_dir, None)
+    lineage = json.loads((run_dir / "finetune.json").read_text())
+    meta = json.loads((run_dir / "data" / "meta.json").read_text())
+    tracking.setup(args.mlflow_uri)
+    try:
+        result, run_id = train_run(cfg, Budget(seconds=state["budget_seconds"]), run_dir, resume=True,
+                                   mlflow_uri=args.mlflow_uri, run_id=state.get("mlflow_run_id"),
+                                   data=PreparedData(run_dir / "data", meta), log=log, budget_started=STARTED)
+    except Interrupted as exc:
+        print(str(exc).replace("pipeline.train", "pipeline.finetune"), file=sys.stderr)
+        sys.exit(130)
+    _register(result, run_id, lineage, meta)
     base_name = args.model.split("/")[1].split("@")[0] if args.model.startswith("models:/") else Path(args.model).name
     name = args.model_name or f"{base_name}-chat"
     reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,

@@ -164,7 +164,8 @@ def test_finetune_cli_refuses_bad_rank_and_missing_model(tmp_path, base_dir):
     data = write_chat(tmp_path / "c.jsonl", n=4)
     for args, message in ((["--model", str(base_dir), "--lora-rank", "0"], "--lora-rank must be ≥ 1"),
                           (["--model", "models:/does-not-exist@champion"], "no registered model|no models yet"),
-                          (["--model", str(base_dir), "--lora-targets", "qkv"], "match no module")):
+                          (["--model", str(base_dir), "--lora-targets", "qkv"], "match no module"),
+                          (["--resume", str(tmp_path)], "not a fine-tuning run folder")):
         out = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--data", str(data), "--minutes", "1", *args],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2

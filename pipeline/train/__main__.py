@@ -8,6 +8,7 @@ STARTED = time.monotonic()  # the deadline counts from here: imports and data pr
 
 import argparse  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from pipeline.errors import UserError, cli
 from pipeline.train.config import RunConfig, apply_overrides
@@ -69,7 +70,7 @@ def main(argv=None):
         cfg, state = load_resume(args.resume, config)
         budget = (Budget(seconds=state["budget_seconds"]) if state.get("budget_seconds")
                   else Budget(tokens=state["budget_tokens"]))
-        run_dir, run_id = __import__("pathlib").Path(args.resume).resolve(), state.get("mlflow_run_id")
+        run_dir, run_id = Path(args.resume).resolve(), state.get("mlflow_run_id")
     else:
         cfg = config or RunConfig()
         if args.data:

@@ -363,7 +363,7 @@ class Trainer:
             # final work: full-split eval + a checkpoint + native and HF model folders
             reserve = 1.2 * (res.final_eval_s + 3 * max(res.save_s, 0.05)) + 0.5
             reserve = self._broadcast([reserve])[0]  # every rank plans with rank 0's reserve
-            self._log_metrics({"val_bpb": bpb0}, force=True)
+            self._log_metrics({"val_bpb": bpb0})
         res.reserve_s = reserve
         step_times: list[float] = []
         step_est = 0.0
@@ -393,7 +393,7 @@ class Trainer:
                     last_eval = now
                     if self.is_main:
                         val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
-                        self._log_metrics({"val_loss": val_loss, "val_bpb": bpb}, force=True)
+                        self._log_metrics({"val_loss": val_loss, "val_bpb": bpb})
                         display.note(f"step {self.step}: val bpb {bpb:.4f}")
                 if do_ckpt:
                     last_ckpt = now
@@ -495,7 +495,7 @@ class Trainer:
             return None
         return tps * flops_per_token(self.cfg.model, self.cfg.train.seq_len) / self.peak_flops
 
-    def _log_metrics(self, metrics: dict, force: bool = False) -> None:
+    def _log_metrics(self, metrics: dict) -> None:
         load = self.model.expert_load()
         if load is not None:
             mean_load = load.mean(0)
@@ -526,7 +526,7 @@ class Trainer:
         res.elapsed_s = self.elapsed()
         self._log_metrics({"final_val_bpb": res.final_val_bpb, "final_val_loss": res.final_val_loss,
                            "tokens_per_s": res.tokens_per_s, "train_tokens": res.tokens,
-                           "elapsed_s": res.elapsed_s}, force=True)
+                           "elapsed_s": res.elapsed_s})
         self.log(f"finished: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tok/s, "
                  f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s")
 
