@@ -175,55 +175,5 @@ def _resume(args) -> None:
     _register(result, run_id, lineage, meta)
 
 
-def _register(result, run_id, lineage: dict, meta: dict) -> None:
-    from pipeline.registry import register
-
-    base = lineage["base_model"]
-    base_name = base.split("/")[1].split("@")[0] if base.startswith("models:/") else Path(base).name
-    name = lineage.get("model_name") or f"{base_name}-chat"
-    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
-                   data_fingerprint=f"chat:{meta['splits']['val']['tokens']}:{Path(lineage['data']).name}",
-                   tokenizer_hash=meta["tokenizer_hash"],
-                   tags={"base_model": base, "finetune": lineage["finetune"], "data": lineage["data"],
-                         "val_loss": f"{result.final_val_loss:.6f}"},
-                   description=f"{lineage['finetune']} fine-tune of {base} on {lineage['data']}", log=log)
-    print(f"validation loss on held-out conversations: {result.final_val_loss:.4f}", file=sys.stderr)
-    print(f"chat with it: python -m pipeline.generate --model models:/{reg.name}@champion --chat")
-
-
-def _resume(args) -> None:
-    from pipeline import tracking
-    from pipeline.data.cache import PreparedData
-    from pipeline.train.engine import Interrupted
-    from pipeline.train.run import load_resume, train_run
-    from pipeline.train.schedule import Budget
-
-    run_dir = Path(args.resume).resolve()
-    if not (run_dir / "finetune.json").is_file():
-        raise UserError(f"{run_dir} is not a fine-tuning run folder (no finetune.json)")
-    cfg, state = load_resume(run_dir, None)
-    lineage = json.loads((run_dir / "finetune.json").read_text())
-    meta = json.loads((run_dir / "data" / "meta.json").read_text())
-    tracking.setup(args.mlflow_uri)
-    try:
-        result, run_id = train_run(cfg, Budget(seconds=state["budget_seconds"]), run_dir, resume=True,
-                                   mlflow_uri=args.mlflow_uri, run_id=state.get("mlflow_run_id"),
-                                   data=PreparedData(run_dir / "data", meta), log=log, budget_started=STARTED)
-    except Interrupted as exc:
-        print(str(exc).replace("pipeline.train", "pipeline.finetune"), file=sys.stderr)
-        sys.exit(130)
-    _register(result, run_id, lineage, meta)
-    base_name = args.model.split("/")[1].split("@")[0] if args.model.startswith("models:/") else Path(args.model).name
-    name = args.model_name or f"{base_name}-chat"
-    reg = register(Path(result.model_dir), name, run_id=run_id, val_bpb=result.final_val_bpb,
-                   data_fingerprint=f"chat:{meta['splits']['val']['tokens']}:{Path(args.data).name}",
-                   tokenizer_hash=meta["tokenizer_hash"],
-                   tags={"base_model": args.model, "finetune": mode, "data": args.data,
-                         "val_loss": f"{result.final_val_loss:.6f}"},
-                   description=f"{mode} fine-tune of {args.model} on {args.data}", log=log)
-    print(f"validation loss on held-out conversations: {result.final_val_loss:.4f}", file=sys.stderr)
-    print(f"chat with it: python -m pipeline.generate --model models:/{reg.name}@champion --chat")
-
-
 if __name__ == "__main__":
     main()
