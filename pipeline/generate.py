@@ -205,6 +205,22 @@ def run_once(gen: Generator, prompt: str, s: Sampling, beams: int, stream: bool)
         print(prompt + gen.decode(gen.generate_ids(ids, s)))
 
 
+def _lines(prompt: str):
+    """Input lines for a REPL (readline history when available) until EOF or /exit."""
+    try:
+        import readline  # noqa: F401  (history and line editing for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        yield line
+
+
 def chat_repl(gen: Generator, s: Sampling) -> None:
     """A conversation: the model's chat template wraps every turn; replies stop at <|end|>."""
     from pipeline.chat import END, encode_chat
@@ -214,13 +230,7 @@ def chat_repl(gen: Generator, s: Sampling) -> None:
     end_id = gen.tokenizer.convert_tokens_to_ids(END)
     messages: list[dict] = []
     print("Chat. /reset clears the conversation; /exit quits.")
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
+    for line in _lines("you> "):
         if line.strip() == "/reset":
             messages = []
             continue
@@ -235,19 +245,9 @@ def chat_repl(gen: Generator, s: Sampling) -> None:
 
 
 def repl(gen: Generator, s: Sampling, beams: int, stream: bool) -> None:
-    try:
-        import readline  # noqa: F401  (history and line editing for input())
-    except ImportError:
-        pass
     print("Type a prompt. /set KEY VALUE changes temperature, top_k, top_p, max_new_tokens, seed, "
           "beams; /exit quits.")
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if line.strip() in ("/exit", "/quit"):
-            break
+    for line in _lines("> "):
         if line.startswith("/set "):
             parts = line.split()
             if len(parts) != 3:

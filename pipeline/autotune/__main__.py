@@ -184,8 +184,8 @@ def run(pipe: Pipeline, args) -> None:
            "inject_oom": json.loads(args.inject_oom) if args.inject_oom else None}
 
     from pipeline.autotune import calibrate as cal
-    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_error,
-                                       leave_one_out_predictions, median_and_max)
+    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
+                                       median_and_max)
     from pipeline.autotune.plan import law_params, plan, why
     from pipeline.autotune.report import plan_table, plan_text, plots, short
     from pipeline.autotune.space import candidate_key, to_run_config
@@ -222,8 +222,8 @@ def run(pipe: Pipeline, args) -> None:
         tput = ThroughputModel.fit(shapes, tps)
         amp = hw.kind == "cuda"
         mem = MemoryModel.fit(shapes, [r.peak_memory_bytes for r in ok], amp) if amp else MemoryModel(amp=False)
-        loo = leave_one_out_error(shapes, tps)
-        med, worst = median_and_max(loo)
+        loo_pred = leave_one_out_predictions(shapes, tps)  # fitted once: errors and the plot share it
+        med, worst = median_and_max([abs(p / t - 1.0) for p, t in zip(loo_pred, tps)] if len(tps) > 1 else [])
         log(f"throughput model {dict(zip(tput.terms, [f'{c:.3g}' for c in tput.coef]))}; "
             f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
 
@@ -365,7 +365,7 @@ def run(pipe: Pipeline, args) -> None:
                          "achieved_tokens_per_s": f"{result['tokens_per_s']:.0f}", "tokenizer": data.meta["tokenizer"]},
                    description=f"{short(chosen)}; {reason}", log=log)
     pipe.finish("register", asdict(reg))
-    for p in plots(pipe.run_dir, list(zip(tps, leave_one_out_predictions(shapes, tps))),
+    for p in plots(pipe.run_dir, list(zip(tps, loo_pred)),
                    rows, best, result["loss_trace"]):
         parent.log_artifact(p)
     timings = pipe.state["timings"]

@@ -449,10 +449,9 @@ class Trainer:
                     self.fault_hook(self)
                 if now - last_log >= self.log_every_s or res.steps <= 1:
                     last_log = now
-                    self._log_metrics({"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                       "tokens_per_s": self._tps(step_times),
-                                       "memory_bytes": peak_memory(self.device),
-                                       "mfu": self._mfu(self._tps(step_times))})
+                    tps = self._tps(step_times)
+                    self._log_metrics({"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                                       "memory_bytes": peak_memory(self.device), "mfu": self._mfu(tps)})
         self.loader.close()
         self._finish(step_times)
         return res
