@@ -1,6 +1,6 @@
 """The headline: for the same budget, hardware and data, validation bpb of
 (a) the autotuned model, (b) the predecessor's fixed-table configuration for that budget
-(its data share applied), (c) a nanochat-style depth heuristic (tokens ≈ 10.5 × params),
+(its data share applied), (c) a nanochat-style depth heuristic (tokens ≈ 10.5 × params), (d) the best of a hand grid,
 each trained for the same wall-clock by the same engine and evaluated on the same split."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import save
+from benchmarks.common import RESULTS, save
 
-GOAL = "autotune ≤ 0.90 × table and ≤ 1.02 × the heuristic"
+GOAL = "autotune ≤ 0.90 × table and ≤ 1.02 × the best hand-grid point"
 # ../shared/docs/field-facts.md: target hours → (layers, width, data share)
 TABLE = [(0.01, 1, 64, None), (0.1, 4, 256, 0.05), (0.5, 12, 512, 0.10), (1, 20, 768, 0.20),
          (3, 30, 768, 0.30), (6, 30, 768, 0.50), (12, 30, 768, 0.70), (float("inf"), 30, 768, 0.90)]
@@ -61,46 +61,126 @@ def nanochat_config(seconds: float, data, vocab: int) -> tuple[dict, list]:
              "train": {"lr": 0.003 * 128 / (64 * d), "batch_tokens": 8192, "micro_batch": 16, "seq_len": 256}}, trace)
 
 
-def _train(cfg: dict, minutes: float, out: Path) -> float:
+# (d) a hand grid: what an engineer would try on a few CPU cores, nanochat's conventions
+# (head_dim 64 or 32, MHA, FFN 4 × width, lr 0.003 × 128 / width, 8k-token batches, context 256).
+GRID = {"d64-L1": (64, 1, 1), "d64-L2": (64, 2, 2), "d128-L1": (128, 1, 2), "d128-L2": (128, 2, 2),
+        "d128-L3": (128, 3, 2), "d192-L2": (192, 2, 3)}
+
+
+def grid_config(name: str, vocab: int) -> dict:
+    width, layers, heads = GRID[name]
+    return {"model": {"vocab_size": vocab, "d_model": width, "n_layers": layers, "n_heads": heads,
+                      "ffn_hidden": 4 * width, "max_seq_len": 256},
+            "train": {"lr": 0.003 * 128 / width, "batch_tokens": 8192, "micro_batch": 16, "seq_len": 256}}
+
+
+def _train(cfg: dict, minutes: float, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
+    started = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", str(out / "run.yaml"),
                           "--minutes", str(minutes), "--out", str(out / "run")], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
-    return json.loads((out / "run" / "summary.json").read_text())["result"]["final_val_bpb"]
+    result = json.loads((out / "run" / "summary.json").read_text())["result"]
+    return {"bpb": round(result["final_val_bpb"], 4), "tokens": result["tokens"],
+            "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4), "choice": cfg["model"]}
 
 
-def run(minutes=(10,)):
+def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path) -> dict:
+    """One arm of the comparison, trained for `minutes` of wall-clock."""
+    if arm == "autotune":
+        started = time.monotonic()
+        auto = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", str(minutes), "--yes",
+                               "--out", str(tmp / "auto"), "--model-name", "bench-quality"],
+                              capture_output=True, text=True)
+        if auto.returncode != 0:
+            raise RuntimeError(auto.stderr[-2000:])
+        state = json.loads((tmp / "auto" / "pipeline.json").read_text())
+        return {"bpb": round(state["stages"]["train"]["val_bpb"], 4), "choice": state["stages"]["plan"]["chosen"],
+                "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4),
+                "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
+    if arm == "table":
+        cfg = table_config(minutes / 60, vocab)
+        return _train(cfg, minutes, tmp / "table") | {"data_fraction": cfg["train"]["data_fraction"]}
+    if arm == "nanochat":
+        cfg, trace = nanochat_config(minutes * 60 * 0.9, data, vocab)
+        return _train(cfg, minutes, tmp / "nano") | {"depth_trials": trace}
+    if arm.startswith("grid:") and arm[5:] in GRID:
+        return _train(grid_config(arm[5:], vocab), minutes, tmp / arm[5:])
+    raise SystemExit(f"error: unknown arm {arm!r}; choose autotune, table, nanochat or grid:<{'|'.join(GRID)}>")
+
+
+ARMS = ["autotune", "table", "nanochat"] + [f"grid:{g}" for g in GRID]
+SCRATCH = RESULTS / "quality-arms-cpu.json"  # every arm's raw result, kept so arms can run one at a time
+
+
+def _arms_file():
+    from benchmarks.common import machine
+
+    return SCRATCH if "NVIDIA" not in machine() else SCRATCH.with_name("quality-arms-gpu.json")
+
+
+def run(minutes=(10,), only: list[str] | None = None):
+    """Run the arms not yet measured for each budget (or `only` those, again), then summarise."""
+    from benchmarks.common import commit
     from pipeline.data import DataSettings, prepare
 
     data = prepare(DataSettings(), log=lambda *_: None)
     vocab = -(-data.vocab_size // 64) * 64
-    tmp = Path(tempfile.mkdtemp())
+    path = _arms_file()
+    arms_done = json.loads(path.read_text()) if path.is_file() else {}
+    for m in minutes:
+        done = arms_done.setdefault(str(m), {})
+        for arm in (only or [a for a in ARMS if a not in done]):
+            print(f"quality {m} min: {arm} …", flush=True)
+            result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()))
+            done[arm] = result | {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
+            path.write_text(json.dumps(arms_done, indent=1))  # after every arm: nothing measured is lost
+    return summarise(minutes, arms_done)
+
+
+def summarise(minutes, arms_done: dict):
     rows = []
     for m in minutes:
-        started = time.monotonic()
-        auto = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", str(m), "--yes",
-                               "--out", str(tmp / f"auto{m}"), "--model-name", "bench-quality"],
-                              capture_output=True, text=True)
-        if auto.returncode != 0:
-            raise RuntimeError(auto.stderr[-2000:])
-        auto_wall = time.monotonic() - started
-        state = json.loads((tmp / f"auto{m}" / "pipeline.json").read_text())
-        auto_bpb = state["stages"]["train"]["val_bpb"]
-        table_bpb = _train(table_config(m / 60, vocab), m, tmp / f"table{m}")
-        nano_cfg, trace = nanochat_config(m * 60 * 0.9, data, vocab)
-        nano_bpb = _train(nano_cfg, m, tmp / f"nano{m}")
-        rows.append({"budget_min": m, "autotune_bpb": round(auto_bpb, 4), "table_bpb": round(table_bpb, 4),
-                     "nanochat_bpb": round(nano_bpb, 4), "autotune_over_table": round(auto_bpb / table_bpb, 4),
-                     "autotune_over_nanochat": round(auto_bpb / nano_bpb, 4),
-                     "autotune_wall_over_budget": round(auto_wall / (m * 60), 4),
-                     "autotune_timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
-                     "autotune_choice": state["stages"]["plan"]["chosen"],
-                     "table_choice": table_config(m / 60, vocab)["model"] | {"data_fraction": table_config(m / 60, vocab)["train"]["data_fraction"]},
-                     "nanochat_choice": nano_cfg["model"], "nanochat_depth_trials": trace})
-    ok = all(r["autotune_over_table"] <= 0.90 and r["autotune_over_nanochat"] <= 1.02 for r in rows)
-    summary = "; ".join(f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb vs table {r['table_bpb']} "
-                        f"({r['autotune_over_table']:.3f}×) vs nanochat heuristic {r['nanochat_bpb']} "
-                        f"({r['autotune_over_nanochat']:.3f}×)" for r in rows)
+        done = arms_done.get(str(m), {})
+        if "autotune" not in done:
+            continue
+        auto = done["autotune"]["bpb"]
+        grid = {a[5:]: r["bpb"] for a, r in done.items() if a.startswith("grid:")}
+        best = min(grid, key=grid.get) if grid else None
+        row = {"budget_min": m, "autotune_bpb": auto,
+               "table_bpb": done.get("table", {}).get("bpb"), "nanochat_bpb": done.get("nanochat", {}).get("bpb"),
+               "grid_best": best, "grid_best_bpb": grid.get(best), "grid_points": len(grid)}
+        for key, ref in (("over_table", row["table_bpb"]), ("over_nanochat", row["nanochat_bpb"]),
+                         ("over_grid_best", row["grid_best_bpb"])):
+            row[f"autotune_{key}"] = round(auto / ref, 4) if ref else None
+        row["autotune_wall_over_budget"] = done["autotune"].get("wall_over_budget")
+        row["autotune_timings_s"] = done["autotune"].get("timings_s", {})
+        row["autotune_choice"] = done["autotune"]["choice"]
+        row["grid_bpb"] = ", ".join(f"{k} {v}" for k, v in sorted(grid.items(), key=lambda kv: kv[1]))
+        rows.append(row)
+    ok = bool(rows) and all(r["autotune_over_table"] is not None and r["autotune_over_table"] <= 0.90
+                            and r["autotune_over_grid_best"] is not None and r["autotune_over_grid_best"] <= 1.02
+                            for r in rows)
+    summary = "; ".join(
+        f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb; vs table {r['table_bpb']} "
+        f"({_x(r['autotune_over_table'])}); vs best of {r['grid_points']}-point grid {r['grid_best']} "
+        f"{r['grid_best_bpb']} ({_x(r['autotune_over_grid_best'])}); vs nanochat heuristic "
+        f"{r['nanochat_bpb']} ({_x(r['autotune_over_nanochat'])})" for r in rows)
     return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality")
+
+
+def _x(ratio):
+    return f"{ratio:.3f}×" if ratio is not None else "not run"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="run (or re-run) single arms of the quality benchmark")
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--arm", action="append", help=f"one of {', '.join(ARMS)} (repeatable); default: the missing ones")
+    args = ap.parse_args()
+    minutes = int(args.minutes) if float(args.minutes).is_integer() else args.minutes
+    run((minutes,), only=args.arm)

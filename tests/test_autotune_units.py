@@ -81,6 +81,29 @@ def test_memory_limit_excludes_candidates_and_flags_them():
     assert unlimited.params > 20e6  # the limit is what changed the choice
 
 
+def test_models_too_big_to_replicate_are_planned_with_fsdp_on_several_workers():
+    cands = grid_shapes()
+
+    class ShardedMemory:
+        def bytes(self, s, shards=1):
+            return law_params(s) * 16.0 / shards
+
+    limit = 16.0 * 20e6
+    one = plan(cands, FlopRate(1e16), ShardedMemory(), 3600, 1e15, memory_limit=limit)
+    four = plan(cands, FlopRate(4e16), ShardedMemory(), 3600, 1e15, memory_limit=limit, workers=4)
+    assert one[0].parallel == "ddp" and one[0].params < 20e6
+    assert four[0].params > 20e6 and four[0].parallel == "fsdp"      # fits only sharded
+    assert all(r.parallel == "ddp" for r in four if r.params < 20e6)  # replicas where they fit
+    assert not any(r.feasible for r in four if r.params > 4 * 20e6)
+
+
+def test_fsdp_memory_divides_the_per_parameter_state():
+    shape = Shape(ModelConfig(vocab_size=512, d_model=256, n_layers=8, n_heads=4), seq_len=64, micro_batch=1,
+                  batch_tokens=64)
+    mem = MemoryModel()
+    assert mem.bytes(shape, shards=4) < 0.5 * mem.bytes(shape)
+
+
 def test_measured_throughput_overrides_the_model():
     cands = grid_shapes()[:5]
     key = cands[0][0]

@@ -12,6 +12,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -280,6 +281,8 @@ def run(pipe: Pipeline, args) -> None:
             from pipeline.train.distributed import train_distributed
 
             probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
+            probe_cfg.train.parallel = best.parallel
+            shutil.rmtree(pipe.run_dir / "scaling", ignore_errors=True)  # a fresh measurement
             res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, n_gpus > 0,
                                        tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
                                        use_mlflow=False, log=log)
@@ -289,7 +292,8 @@ def run(pipe: Pipeline, args) -> None:
             log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
             factor = workers * efficiency
             rows = plan(cands, Scaled(tput, factor), mem, train_seconds(), data.unique_train_tokens,
-                        memory_limit=limit, measured={k: v * factor for k, v in measured.items()})
+                        memory_limit=limit, measured={k: v * factor for k, v in measured.items()},
+                        workers=workers)
             best = rows[0]
     # Ray is shut down here: the full run gets every core and all the memory.
     predicted_tps = tput.tokens_per_s(shape(best.candidate))
@@ -307,7 +311,7 @@ def run(pipe: Pipeline, args) -> None:
         parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst,
                             "planned_params": best.params, "planned_tokens": best.tokens,
                             "predicted_tokens_per_s": best.tokens_per_s}, step=0)
-        pipe.finish("plan", {"chosen": best.candidate, "key": best.key})
+        pipe.finish("plan", {"chosen": best.candidate, "key": best.key, "parallel": best.parallel})
     if args.plan_only:
         log(f"--plan-only: stopping after the plan ({pipe.run_dir / 'plan.json'})")
         parent.end("FINISHED")
@@ -320,8 +324,9 @@ def run(pipe: Pipeline, args) -> None:
     from pipeline.train.schedule import Budget
 
     chosen = pipe.state["stages"]["plan"]["chosen"]
-    cfg = apply_overrides(to_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed),
-                                        seed=args.seed), args.set)
+    cfg = to_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed)
+    cfg.train.parallel = pipe.state["stages"]["plan"].get("parallel", "ddp")
+    cfg = apply_overrides(cfg, args.set)
     full_dir = pipe.run_dir / "full"
     resume_full = (full_dir / "checkpoints").is_dir() and any((full_dir / "checkpoints").glob("step-*"))
     seconds = train_seconds()

@@ -130,8 +130,15 @@ class MemoryModel:
     amp: bool = False
     fitted: bool = False
 
-    def bytes(self, s: Shape) -> float:
+    def bytes(self, s: Shape, shards: int = 1) -> float:
+        """Peak bytes on one device; `shards` > 1: FSDP over that many workers (weights,
+        gradients and optimizer state divided among them, plus two blocks' weights gathered
+        at a time — the one computing and the one prefetched)."""
         t = memory_terms(s, self.amp)
+        if shards > 1:
+            m = s.model
+            block = (param_counts(m)["total"] - m.vocab_size * m.d_model) / max(1, m.n_layers)
+            t["params"] = t["params"] / shards + 2 * 4 * block
         return self.fixed + sum(self.scale[k] * t[k] for k in t)
 
     @classmethod

@@ -66,6 +66,7 @@ class PlanRow:
     epochs: float
     predicted_loss: float
     measured: bool = False
+    parallel: str = "ddp"       # "fsdp": fits only with weights/optimizer state sharded over workers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,14 +74,18 @@ class PlanRow:
 
 def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memory: Memory,
          seconds: float, unique_tokens: float, law: ScalingLaw = ScalingLaw(),
-         memory_limit: float = math.inf, measured: dict[str, float] | None = None) -> list[PlanRow]:
+         memory_limit: float = math.inf, measured: dict[str, float] | None = None,
+         workers: int = 1) -> list[PlanRow]:
     """Rows sorted best first (feasible before infeasible). `measured` maps candidate keys to
-    measured tokens/s, which replaces the model's prediction for those candidates."""
+    measured tokens/s, which replaces the model's prediction for those candidates. With several
+    `workers`, a candidate whose replica does not fit may still fit sharded (FSDP)."""
     measured = measured or {}
     rows = []
     for key, cand, shape in candidates:
         tps = measured.get(key) or throughput.tokens_per_s(shape)
-        mem = memory.bytes(shape)
+        mem, parallel = memory.bytes(shape), "ddp"
+        if mem > memory_limit and workers > 1:
+            mem, parallel = memory.bytes(shape, shards=workers), "fsdp"
         n = law_params(shape)
         tokens = max(0.0, tps * seconds)
         feasible = mem <= memory_limit and tokens >= 1
@@ -88,7 +93,7 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
                             feasible=feasible, tokens=tokens, tokens_per_param=tokens / n,
                             epochs=tokens / unique_tokens if unique_tokens else math.nan,
                             predicted_loss=law.loss(n, tokens, unique_tokens) if feasible else math.inf,
-                            measured=key in measured))
+                            measured=key in measured, parallel=parallel))
     rows.sort(key=lambda r: (not r.feasible, r.predicted_loss, r.params))
     return rows
 

@@ -27,7 +27,8 @@ def plan_table(rows: list[PlanRow], top: int = 10) -> Table:
     for i, r in enumerate([r for r in rows if r.feasible][:top]):
         t.add_row(str(i + 1), short(r.candidate), f"{r.params / 1e6:.2f}M", f"{r.tokens / 1e6:.1f}M",
                   f"{r.tokens_per_param:.1f}", f"{r.epochs:.2f}", f"{r.tokens_per_s:,.0f}",
-                  f"{r.memory_bytes / 2**20:,.0f} MiB", f"{r.predicted_loss:.4f}", "yes" if r.measured else "")
+                  f"{r.memory_bytes / 2**20:,.0f} MiB" + (" fsdp" if r.parallel == "fsdp" else ""),
+                  f"{r.predicted_loss:.4f}", "yes" if r.measured else "")
     return t
 
 

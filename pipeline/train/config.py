@@ -37,6 +37,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     data_fraction: float = 1.0      # train on the first share of the training tokens only
+    parallel: str = "ddp"           # with several workers: "ddp" (replicas) or "fsdp" (sharded
+    #                                 weights, gradients and optimizer state, for models DDP can't fit)
 
     def validate(self) -> None:
         checks = [
@@ -51,6 +53,7 @@ class TrainConfig:
             (self.batch_tokens >= self.seq_len, "train.batch_tokens must be at least one sequence (seq_len)"),
             (self.keep_checkpoints >= 1, "train.keep_checkpoints must be ≥ 1"),
             (0 < self.data_fraction <= 1, "train.data_fraction must be in (0, 1]"),
+            (self.parallel in ("ddp", "fsdp"), "train.parallel must be 'ddp' or 'fsdp'"),
             (self.eval_tokens > 0 and self.final_eval_tokens > 0, "train.eval_tokens must be positive"),
         ]
         for ok, message in checks:
@@ -76,6 +79,7 @@ class RunConfig:
         """Identity of what is trained (the data cache location is not part of it)."""
         d = self.to_dict()
         d["data"].pop("cache_dir", None)
+        d["train"].pop("parallel", None)  # how it is spread over workers, not what is trained
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

@@ -106,12 +106,13 @@ def peak_memory(device: torch.device) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig, data: PreparedData, budget: Budget, *,
                  run_dir: Path | None = None, device: str | None = None, tracker=None,
-                 resume: bool = False, trial: bool = False, peak_flops: float | None = None,
+                 resume: bool | Path = False, trial: bool = False, peak_flops: float | None = None,
                  log: Callable[[str], None] = print, loss_hook: Callable | None = None,
                  stop_after_steps: int | None = None, progress: bool = True,
                  log_every_s: float = 5.0, model_init: Path | None = None,
                  rank: int = 0, world: int = 1, wrap: Callable | None = None,
-                 resume_elapsed: bool = True, fault_hook: Callable | None = None):
+                 resume_elapsed: bool = True, fault_hook: Callable | None = None,
+                 on_checkpoint: Callable[[Path | None], None] | None = None):
         cfg.validate()
         self.cfg, self.data, self.budget = cfg, data, budget
         self.run_dir = Path(run_dir) if run_dir else None
@@ -126,6 +127,9 @@ class Trainer:
         # produces the module the forward runs through; rank 0 evaluates, saves and logs.
         self.rank, self.world, self.is_main = rank, world, rank == 0
         self.resume_elapsed, self.fault_hook = resume_elapsed, fault_hook
+        # Called on every rank after each checkpoint (with its folder on rank 0, None elsewhere):
+        # Ray Train registers it (`ray.train.report`) and then owns retention.
+        self.on_checkpoint = on_checkpoint
         tc = cfg.train
         if exportable(cfg.model) and not trial:
             import transformers  # noqa: F401  (seconds to import: pay it now, not after the deadline)
@@ -143,7 +147,6 @@ class Trainer:
             if unexpected or any("lora_" not in k for k in missing):
                 raise UserError(f"{model_init} does not match the model config (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
-        self.optimizer = build_optimizer(self.model, tc)
         self.amp_dtype = autocast_dtype(tc.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if self.device.type == "cuda":
@@ -151,6 +154,11 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.cuda.reset_peak_memory_stats(self.device)
         self.forward = wrap(self.model) if wrap else self.model
+        # FSDP (`fully_shard`) turns the model's parameters into sharded DTensors in place, so
+        # the optimizer is built after wrapping, and forward, evaluation and state-dict
+        # gathering become collectives every rank joins.
+        self.sharded = ckpt.is_sharded(self.model)
+        self.optimizer = build_optimizer(self.model, tc)
         if tc.compile:
             self.forward = torch.compile(self.forward)
         self.micro_batch = tc.micro_batch
@@ -173,8 +181,8 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints" if self.run_dir and not trial else None
         if self.ckpt_root is not None:
             self._check_writable(self.ckpt_root)
-        if resume:
-            self._resume()
+        if resume:  # True: the newest checkpoint in the run folder; a path: that checkpoint
+            self._resume(None if resume is True else Path(resume))
 
     # --- setup helpers ---------------------------------------------------------------------
     @staticmethod
@@ -188,11 +196,11 @@ class Trainer:
             raise UserError(f"checkpoint folder {folder} is not writable ({exc.strerror}); "
                             "choose another --out") from exc
 
-    def _resume(self) -> None:
-        last = ckpt.latest(self.ckpt_root) if self.ckpt_root else None
+    def _resume(self, folder: Path | None = None) -> None:
+        last = folder or (ckpt.latest(self.ckpt_root) if self.ckpt_root else None)
         if last is None:
             raise UserError(f"{self.run_dir} holds no checkpoint to resume from")
-        state = ckpt.load(last, self.model, self.optimizer, self.device)
+        state = ckpt.load(last, self.model, self.optimizer)
         if state.get("config_fingerprint") != self.cfg.fingerprint():
             raise UserError(f"{last} belongs to a different config; resume without --config or "
                             "start a new run folder")
@@ -241,10 +249,7 @@ class Trainer:
         total = 0.0
         for i in range(self.accum):
             x, y = self.loader.next()
-            # DDP: all-reduce gradients only on the last micro-step of the accumulation
-            sync = (contextlib.nullcontext() if self.world == 1 or i == self.accum - 1
-                    else self.forward.no_sync())
-            with sync:
+            with self._grad_sync(i == self.accum - 1):
                 with self._autocast():
                     loss = self.forward(x, y).loss / self.accum
                 if self.loss_hook is not None:
@@ -261,6 +266,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.sharded:  # FSDP: a DTensor; the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         loss_value = float(total)
         if math.isfinite(loss_value):
             if self.scaler:
@@ -268,9 +275,36 @@ class Trainer:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            self._sum_expert_load()
             self.model.update_router_bias()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value, float(grad_norm)
+
+    def _grad_sync(self, last: bool):
+        """Reduce gradients only on the last micro-step of an accumulation (DDP `no_sync`,
+        FSDP `set_requires_gradient_sync`)."""
+        if self.world == 1:
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.forward.no_sync()
+
+    def _sum_expert_load(self) -> None:
+        """MoE balancing: every rank updates its routing biases from the global expert load, so
+        the biases stay identical across data-parallel ranks."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for layer in self.model.moe_layers():
+            dist.all_reduce(layer.load_counts)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs evaluation: rank 0, or every rank when the model is sharded
+        (its forward all-gathers parameters, so all ranks must take part)."""
+        return self.is_main or self.sharded
 
     # --- evaluation ------------------------------------------------------------------------
     @torch.no_grad()
@@ -304,12 +338,19 @@ class Trainer:
                 "mlflow_run_id": self.tracker.id if self.tracker else None}
 
     def save_checkpoint(self) -> float:
-        if self.ckpt_root is None or not self.is_main:
+        """Every rank calls this at the same step (the decision is broadcast); rank 0 writes."""
+        if self.ckpt_root is None:
             return 0.0
         t = time.monotonic()
-        ckpt.save(self.ckpt_root, self.step, self.model, self.optimizer, self.trainer_state(),
-                  keep=self.cfg.train.keep_checkpoints)
+        folder = None
+        if self.is_main or self.sharded:
+            weights, optim = ckpt.full_state(self.model, self.optimizer)
+            if self.is_main:
+                folder = ckpt.save(self.ckpt_root, self.step, weights, optim, self.trainer_state(),
+                                   keep=None if self.on_checkpoint else self.cfg.train.keep_checkpoints)
         self.failures_since_checkpoint = 0
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(folder)
         return time.monotonic() - t
 
     def _rollback(self, loss: float) -> None:
@@ -319,7 +360,7 @@ class Trainer:
             raise Diverged(f"training diverged (loss {loss}) at step {self.step} "
                            f"{'twice in a row ' if last else ''}; lower train.lr (now {self.cfg.train.lr})")
         elapsed = self.elapsed()
-        state = ckpt.load(last, self.model, self.optimizer, self.device)
+        state = ckpt.load(last, self.model, self.optimizer)
         self._restore_state(state)
         self.elapsed_before, self._t0 = elapsed, self.budget.clock()  # wall-clock never rolls back
         self.lr_scale = state.get("lr_scale", 1.0) * 0.5
@@ -354,7 +395,7 @@ class Trainer:
         reserve = 0.0
         if not self.trial:
             t = time.monotonic()
-            _, bpb0, n = self.evaluate(tc.eval_tokens) if self.is_main else (0.0, 0.0, 1)
+            _, bpb0, n = self.evaluate(tc.eval_tokens) if self.evaluates else (0.0, 0.0, 1)
             per_token = (time.monotonic() - t) / n
             val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
             res.final_eval_s = per_token * val_tokens
@@ -391,7 +432,7 @@ class Trainer:
                 stop = STOPS[int(code)]
                 if do_eval:
                     last_eval = now
-                    if self.is_main:
+                    if self.evaluates:
                         val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
                         self._log_metrics({"val_loss": val_loss, "val_bpb": bpb})
                         display.note(f"step {self.step}: val bpb {bpb:.4f}")
@@ -515,13 +556,16 @@ class Trainer:
         if self.trial:
             return
         self.save_checkpoint()
-        if res.stopped == "steps" or not self.is_main:
+        if res.stopped == "steps" or not self.evaluates:
             return
         t = time.monotonic()
         res.final_val_loss, res.final_val_bpb, _ = self.evaluate(tc.final_eval_tokens)
         res.final_eval_s = time.monotonic() - t
         if self.run_dir is not None:
-            res.model_dir = str(self.save_model(self.run_dir / "model"))
+            model_dir = self.save_model(self.run_dir / "model")
+            res.model_dir = str(model_dir) if model_dir else None
+        if not self.is_main:
+            return
         res.elapsed_s = self.elapsed()
         self._log_metrics({"final_val_bpb": res.final_val_bpb, "final_val_loss": res.final_val_loss,
                            "tokens_per_s": res.tokens_per_s, "train_tokens": res.tokens,
@@ -529,10 +573,18 @@ class Trainer:
         self.log(f"finished: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tok/s, "
                  f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s")
 
-    def save_model(self, folder: Path) -> Path:
-        """The final model folder: native weights + config, tokenizer, and the HF export."""
+    def save_model(self, folder: Path) -> Path | None:
+        """The final model folder: native weights + config, tokenizer, and the HF export
+        (written by rank 0; with FSDP every rank first joins the gathering of full weights)."""
+        model = self.model
+        if self.sharded:
+            weights, _ = ckpt.full_state(self.model)
+            if not self.is_main:
+                return None
+            model = Transformer(self.cfg.model)
+            model.load_state_dict(weights)
         folder.mkdir(parents=True, exist_ok=True)
-        model = self.model.merged()  # LoRA folds into the weights: exports are plain models
+        model = model.merged()  # LoRA folds into the weights: exports are plain models
         save_native(model, folder / "native")
         tok = self.data.tokenizer()
         tok.save_pretrained(folder / "native")
