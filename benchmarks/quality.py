@@ -36,7 +36,6 @@ def nanochat_config(seconds: float, data, vocab: int) -> tuple[dict, list]:
     """Largest depth whose tokens-at-10.5×-params fit the time, from a short measured trial per depth."""
     from model.config import ModelConfig, param_counts
     from pipeline.autotune.calibrate import run_candidate
-    from pipeline.autotune.space import SearchSpace
 
     choices = {"n_heads": [1], "head_dim": [64], "n_layers": [1], "kv_ratio": [1], "ffn_ratio": [4.0],
                "n_experts": [0], "top_k": [2], "pos_encoding": ["rope"], "activation_checkpointing": [False],

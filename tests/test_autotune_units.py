@@ -1,5 +1,7 @@
-"""Planner, throughput/memory models and search spaces, with synthetic models (no training)."""
+"""Planner, throughput/memory models and search spaces, with synthetic models; the trial skip rule."""
+import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -206,3 +208,24 @@ def test_scaling_law_prefers_more_of_both():
     assert law.loss(1e8, 1e10) < law.loss(1e7, 1e10)
     assert law.loss(1e8, 1e11) < law.loss(1e8, 1e10)
     assert law.loss(1e8, 1e11, unique_tokens=1e9) > law.loss(1e8, 1e11)
+
+
+def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_path):
+    from pipeline.autotune.calibrate import run_candidate
+    from pipeline.autotune.space import load_space
+
+    space = load_space(SPACES_DIR / "cpu-tiny.yaml")
+    cand = {k: v[-1] for k, v in space.choices.items()}
+    rates = tmp_path / "rates.jsonl"
+    ctx = {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
+           "data_folder": str(tiny_data.folder), "window_s": 2.0, "max_steps": 3, "full_seconds": 600,
+           "unique_tokens": tiny_data.unique_train_tokens, "rates_file": str(rates)}
+    measured = run_candidate(cand, ctx)                     # no rate known yet: it runs, and records one
+    assert measured["status"] == "ok" and measured["steps"] >= 2
+    assert json.loads(rates.read_text().splitlines()[0])["flops_per_s"] > 0
+    rates.write_text(json.dumps({"flops_per_s": 1e3}) + "\n")  # a machine this slow: one step ≫ 2 windows
+    started = time.monotonic()
+    skipped = run_candidate(cand, ctx)
+    assert skipped["status"] == "too_slow" and skipped["steps"] == 0 and "not run" in skipped["error"]
+    assert time.monotonic() - started < measured["wall_s"]
+    assert math.isfinite(skipped["objective"])            # Optuna still learns it is a bad region

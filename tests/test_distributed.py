@@ -2,7 +2,6 @@
 with the same global batch; checkpoints are registered with Ray Train; a killed worker is replaced
 and training resumes from the last checkpoint."""
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_config

