@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import save
+from benchmarks.common import RESULTS, commit, machine, save
 
 
 def _timed(cmd: list[str]) -> tuple[float, str]:
@@ -21,7 +21,9 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def run(train_minutes=(1, 5), autotune_minutes=()):
-    # autotune's own adherence is measured by the quality benchmark (same run, no double cost)
+    """Measure the given budgets; rows for other commands already in the results file are kept
+    (each row carries its own date and commit), so long budgets can be measured one at a time:
+    `python -c "from benchmarks import deadline; deadline.run((), (20,))"`."""
     rows = []
     tmp = Path(tempfile.mkdtemp())
     for m in train_minutes:
@@ -36,6 +38,13 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
         rows.append({"command": f"pipeline.autotune --minutes {m}", "budget_s": m * 60, "wall_s": round(wall, 1),
                      "ratio": round(wall / (m * 60), 4), "calibration_share": round(calib / (m * 60), 4),
                      "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}})
+    stamp = {"date": time.strftime("%Y-%m-%d"), "commit": commit()}
+    rows = [r | stamp for r in rows]
+    previous = RESULTS / f"deadline-{'gpu' if 'NVIDIA' in machine() else 'cpu'}.json"
+    if previous.is_file():
+        done = {r["command"] for r in rows}
+        old = [r for r in json.loads(previous.read_text())["rows"] if r["command"] not in done]
+        rows = sorted(old + rows, key=lambda r: (r["command"].split()[0], r["budget_s"]))
     ok = all(0.98 <= r["ratio"] <= 1.02 for r in rows if r["budget_s"] >= 300)
     summary = "wall/budget: " + ", ".join(f"{r['command']} {r['ratio']:.3f}" for r in rows)
     return save("deadline", rows, summary, "0.98–1.02 for budgets ≥ 5 min (train) / 10 min (autotune)", ok,

@@ -314,11 +314,9 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
                         f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
                         f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
     best = rows[0]
-    # The launch decision rests on a measurement, not only on the model: measure the choice
-    # (and a new choice, if the measurement changes it), up to three times.
-    for attempt in range(3):
-        if best.measured or pipe.done("plan"):
-            break
+    # The launch decision rests on a measurement, not only on the model: an unmeasured choice is
+    # measured once and the plan redone with that measurement.
+    if not best.measured and not pipe.done("plan"):
         # A measured candidate whose predicted loss ties the unmeasured favourite (within
         # 0.1%) wins without another measurement: at short budgets the measurement would
         # cost more training time than the difference could ever return.
@@ -326,17 +324,22 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
                     and r.predicted_loss <= best.predicted_loss * 1.001), None)
         if tie is not None:
             best = tie
-            break
-        log(f"measuring the planned choice ({short(best.candidate)}) before launching")
-        extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
-                            f"verify{attempt}-{pipe.run_dir.name}")
-        _log_trials(extra, exp, parent.id)
-        pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
-        for r in extra:
-            measured[r.key] = r.tokens_per_s if r.status == "ok" else 1e-9  # failed: never again
-        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                    measured=measured)
-        best = rows[0]
+        else:
+            log(f"measuring the planned choice ({short(best.candidate)}) before launching")
+            # locally in the driver (Ray is idle; no new Tune experiment to pay for), or on the
+            # cluster when there is one, since the driver may not have the workers' devices
+            extra = (cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
+                                 f"verify-{pipe.run_dir.name}") if args.address
+                     else [cal.measure_here(best.candidate, ctx)])
+            _log_trials(extra, exp, parent.id)
+            pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
+            for r in extra:
+                # one step is a measurement too (a big choice may take a whole window per step)
+                usable = r.status in ("ok", "too_slow") and r.tokens_per_s > 0
+                measured[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
+            rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                        measured=measured)
+            best = rows[0]
     workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
     pipe.state["workers"] = workers
     if workers > 1 and not pipe.done("plan"):

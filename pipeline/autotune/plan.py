@@ -17,19 +17,36 @@ from pipeline.autotune.fit import Shape
 @dataclass(frozen=True)
 class ScalingLaw:
     """L(N, D) = E + A/N^α + B/D^β. Defaults: the Epoch AI refit of Chinchilla (Besiroglu et al.
-    2024). Only the shape transfers to our tokenizer and data; the planner ranks, never promises."""
+    2024). Only the shape transfers to our tokenizer and data; the planner ranks, never promises.
+
+    With U unique tokens the data-constrained form of Muennighoff et al. (2023) replaces both
+    N and D by their effective values: repeated tokens are worth less (D', decay constant
+    R_D* = 15.4 repetitions) and so are parameters beyond what U tokens can train compute-
+    optimally (N', R_N* = 5.3) — the paper's finding that, short of data, extra epochs are
+    a better use of compute than extra parameters."""
     E: float = 1.8172
     A: float = 482.01
     B: float = 2085.43
     alpha: float = 0.3478
     beta: float = 0.3658
-    r_star: float = 15.4     # data-constrained scaling (Muennighoff et al. 2023)
+    r_star: float = 15.4     # R_D*: data-constrained scaling (Muennighoff et al. 2023)
+    r_star_params: float = 5.3  # R_N*: the same paper's decay for excess parameters
 
     def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         if n_params <= 0 or tokens <= 0:
             return math.inf
-        d = effective_tokens(tokens, unique_tokens, self.r_star) if unique_tokens else tokens
-        return self.E + self.A / n_params ** self.alpha + self.B / d ** self.beta
+        n, d = n_params, tokens
+        if unique_tokens:
+            d = effective_tokens(tokens, unique_tokens, self.r_star)
+            n = effective_params(n_params, self.optimal_params(unique_tokens), self.r_star_params)
+        return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
+
+    def optimal_params(self, tokens: float) -> float:
+        """The N whose compute-optimal allocation under this law trains on exactly `tokens`:
+        with G = (αA / βB)^(1/(α+β)), N_opt = G·(C/6)^(β/(α+β)) and D_opt = (C/6)^(α/(α+β)) / G,
+        so N_opt(D) = G·(G·D)^(β/α)."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+        return g * (g * tokens) ** (self.beta / self.alpha)
 
 
 def effective_tokens(tokens: float, unique: float, r_star: float = 15.4) -> float:
@@ -38,6 +55,15 @@ def effective_tokens(tokens: float, unique: float, r_star: float = 15.4) -> floa
         return tokens
     r = tokens / unique - 1.0
     return unique + unique * r_star * (1.0 - math.exp(-r / r_star))
+
+
+def effective_params(n_params: float, useful: float, r_star: float = 5.3) -> float:
+    """N' = U_N + U_N·R_N*·(1 − exp(−R_N/R_N*)), U_N = min(N, N_opt(unique tokens)),
+    R_N = N/U_N − 1: parameters the unique data cannot feed add less and less."""
+    if n_params <= useful:
+        return n_params
+    r = n_params / useful - 1.0
+    return useful + useful * r_star * (1.0 - math.exp(-r / r_star))
 
 
 def law_params(shape: Shape) -> int:
