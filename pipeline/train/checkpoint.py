@@ -9,9 +9,9 @@
 Each is written into a hidden temporary folder, fsynced, then renamed: a folder named
 `step-*` is always complete, so a kill -9 at any moment leaves the previous one loadable.
 
-State dicts go through `torch.distributed.checkpoint.state_dict` as *full* (unsharded) dicts,
-so one format serves a single process, DDP and FSDP (whose parameters are sharded DTensors):
-a run may resume with another world size or parallel strategy.
+State dicts are *full* (unsharded) and keyed by parameter name — gathered and scattered through
+`torch.distributed.checkpoint.state_dict` when the model is sharded — so one format serves a
+single process, DDP and FSDP: a run may resume with another world size or parallel strategy.
 """
 from __future__ import annotations
 
