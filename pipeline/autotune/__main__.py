@@ -28,7 +28,7 @@ if not console.is_terminal:  # logs and CI: wide enough for the plan table
     console = Console(stderr=True, width=160)
 # Below these budgets the fixed costs (Ray start, data, calibration, evaluation, registration)
 # leave no useful training time.
-MIN_SECONDS = {"cpu": 300, "cuda": 600}
+MIN_SECONDS = {"cpu": 240, "cuda": 600}
 STATE = "pipeline.json"
 
 
