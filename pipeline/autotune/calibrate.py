@@ -99,44 +99,39 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     step_tokens = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len)
     rate = _best_rate(ctx.get("rates_file"))
-    try:
-        if _inject_oom(cand, ctx.get("inject_oom")):
-            raise torch.OutOfMemoryError("injected out-of-memory (test)")
-        if rate and step_tokens * flops / rate > 2 * ctx["window_s"]:
-            out.update(status="too_slow", tokens_per_s=rate / flops,
-                       error=f"not run: one step would take ≥ {step_tokens * flops / rate:.1f}s")
-            raise _Skip
-        trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
-                          stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
-                          log=lambda *_: None)
-        res = trainer.run()
-        out.update(tokens_per_s=res.tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
-                   mfu=res.mfu, compile_s=res.compile_s, steps=res.steps,
-                   loss_trace=[list(p) for p in res.loss_trace[-50:]])
-        if res.loss_trace:
-            out.update(loss_first=res.loss_trace[0][1], loss_last=res.loss_trace[-1][1])
-        if res.steps < 2:
-            out["status"] = "too_slow"      # not even two steps in the window: no steady state
-        elif res.stopped == "diverged":
-            out["status"] = "diverged"
-        if res.tokens_per_s > 0:
-            _record_rate(ctx.get("rates_file"), res.tokens_per_s * flops)
-    except _Skip:
-        pass
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        out.update(status="oom", error=str(exc)[:200])
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    step_s = step_tokens * flops / rate if rate else 0.0  # optimistic: the best rate seen so far
+    if step_s > 2 * ctx["window_s"] and not _inject_oom(cand, ctx.get("inject_oom")):
+        out.update(status="too_slow", tokens_per_s=rate / flops,
+                   error=f"not run: one step would take ≥ {step_s:.1f}s")
+    else:
+        try:
+            if _inject_oom(cand, ctx.get("inject_oom")):
+                raise torch.OutOfMemoryError("injected out-of-memory (test)")
+            trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
+                              stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
+                              log=lambda *_: None)
+            res = trainer.run()
+            out.update(tokens_per_s=res.tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
+                       mfu=res.mfu, compile_s=res.compile_s, steps=res.steps,
+                       loss_trace=[list(p) for p in res.loss_trace[-50:]])
+            if res.loss_trace:
+                out.update(loss_first=res.loss_trace[0][1], loss_last=res.loss_trace[-1][1])
+            if res.steps < 2:
+                out["status"] = "too_slow"      # not even two steps in the window: no steady state
+            elif res.stopped == "diverged":
+                out["status"] = "diverged"
+            if res.tokens_per_s > 0:
+                _record_rate(ctx.get("rates_file"), res.tokens_per_s * flops)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            out.update(status="oom", error=str(exc)[:200])
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if out["status"] in ("ok", "too_slow") and out["tokens_per_s"] > 0:
         law = ScalingLaw(**ctx.get("law", {}))
         tokens = out["tokens_per_s"] * ctx["full_seconds"]
         out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
     out["wall_s"] = time.monotonic() - started
     return out
-
-
-class _Skip(Exception):
-    pass
 
 
 def trial_fn(config: dict) -> None:
