@@ -73,7 +73,8 @@ def grid_config(name: str, vocab: int) -> dict:
             "train": {"lr": 0.003 * 128 / width, "batch_tokens": 8192, "micro_batch": 16, "seq_len": 256}}
 
 
-def _train(cfg: dict, minutes: float, out: Path) -> dict:
+def _train(cfg: dict, minutes: float, out: Path, seed: int = 0) -> dict:
+    cfg["train"]["seed"] = seed
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
     started = time.monotonic()
@@ -86,12 +87,14 @@ def _train(cfg: dict, minutes: float, out: Path) -> dict:
             "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4), "choice": cfg["model"]}
 
 
-def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path) -> dict:
+def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0) -> dict:
     """One arm of the comparison, trained for `minutes` of wall-clock."""
     if arm == "autotune":
         started = time.monotonic()
         auto = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", str(minutes), "--yes",
-                               "--out", str(tmp / "auto"), "--model-name", "bench-quality"],
+                               "--out", str(tmp / "auto"), "--model-name", "bench-quality",
+                               # the training seed only: autotune's --seed also reseeds the data split
+                               "--set", f"train.seed={seed}"],
                               capture_output=True, text=True)
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
@@ -101,12 +104,12 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path) -> dict:
                 "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
     if arm == "table":
         cfg = table_config(minutes / 60, vocab)
-        return _train(cfg, minutes, tmp / "table") | {"data_fraction": cfg["train"]["data_fraction"]}
+        return _train(cfg, minutes, tmp / "table", seed) | {"data_fraction": cfg["train"]["data_fraction"]}
     if arm == "nanochat":
         cfg, trace = nanochat_config(minutes * 60 * 0.9, data, vocab)
-        return _train(cfg, minutes, tmp / "nano") | {"depth_trials": trace}
+        return _train(cfg, minutes, tmp / "nano", seed) | {"depth_trials": trace}
     if arm.startswith("grid:") and arm[5:] in GRID:
-        return _train(grid_config(arm[5:], vocab), minutes, tmp / arm[5:])
+        return _train(grid_config(arm[5:], vocab), minutes, tmp / arm[5:], seed)
     raise SystemExit(f"error: unknown arm {arm!r}; choose autotune, table, nanochat or grid:<{'|'.join(GRID)}>")
 
 
@@ -120,8 +123,10 @@ def _arms_file():
     return SCRATCH if "NVIDIA" not in machine() else SCRATCH.with_name("quality-arms-gpu.json")
 
 
-def run(minutes=(10,), only: list[str] | None = None):
-    """Run the arms not yet measured for each budget (or `only` those, again), then summarise."""
+def run(minutes=(10,), only: list[str] | None = None, seed: int = 0):
+    """Run the arms not yet measured for each budget (or `only` those, again), then summarise.
+    A seed other than 0 is stored as another sample of the arm (`ARM@seedN`); the summary
+    compares arms by their mean over the seeds they have."""
     from benchmarks.common import commit
     from pipeline.data import DataSettings, prepare
 
@@ -132,9 +137,9 @@ def run(minutes=(10,), only: list[str] | None = None):
     for m in minutes:
         done = arms_done.setdefault(str(m), {})
         for arm in (only or [a for a in ARMS if a not in done]):
-            print(f"quality {m} min: {arm} …", flush=True)
-            result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()))
-            done[arm] = result | {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
+            print(f"quality {m} min: {arm} (seed {seed}) …", flush=True)
+            result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()), seed)
+            done[arm if seed == 0 else f"{arm}@seed{seed}"] = result | {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
             path.write_text(json.dumps(arms_done, indent=1))  # after every arm: nothing measured is lost
     return summarise(minutes, arms_done)
 
@@ -145,12 +150,14 @@ def summarise(minutes, arms_done: dict):
         done = arms_done.get(str(m), {})
         if "autotune" not in done:
             continue
-        auto = done["autotune"]["bpb"]
-        grid = {a[5:]: r["bpb"] for a, r in done.items() if a.startswith("grid:")}
+        bpb, seeds = arm_means(done)
+        auto = bpb["autotune"]
+        grid = {a[5:]: v for a, v in bpb.items() if a.startswith("grid:")}
         best = min(grid, key=grid.get) if grid else None
         row = {"budget_min": m, "autotune_bpb": auto,
-               "table_bpb": done.get("table", {}).get("bpb"), "nanochat_bpb": done.get("nanochat", {}).get("bpb"),
-               "grid_best": best, "grid_best_bpb": grid.get(best), "grid_points": len(grid)}
+               "table_bpb": bpb.get("table"), "nanochat_bpb": bpb.get("nanochat"),
+               "grid_best": best, "grid_best_bpb": grid.get(best), "grid_points": len(grid),
+               "seeds": ", ".join(f"{a} {v}" for a, v in seeds.items() if len(v) > 1) or "one per arm"}
         for key, ref in (("over_table", row["table_bpb"]), ("over_nanochat", row["nanochat_bpb"]),
                          ("over_grid_best", row["grid_best_bpb"])):
             row[f"autotune_{key}"] = round(auto / ref, 4) if ref else None
@@ -170,6 +177,14 @@ def summarise(minutes, arms_done: dict):
     return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality")
 
 
+def arm_means(done: dict) -> tuple[dict, dict]:
+    """Each arm's mean bpb over its seeds, and the per-seed values of every arm."""
+    seeds: dict[str, list] = {}
+    for key, r in done.items():
+        seeds.setdefault(key.split("@")[0], []).append(r["bpb"])
+    return {a: round(sum(v) / len(v), 4) for a, v in seeds.items()}, seeds
+
+
 def _x(ratio):
     return f"{ratio:.3f}×" if ratio is not None else "not run"
 
@@ -180,6 +195,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="run (or re-run) single arms of the quality benchmark")
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--arm", action="append", help=f"one of {', '.join(ARMS)} (repeatable); default: the missing ones")
+    ap.add_argument("--seed", type=int, default=0, help="another sample of the arm (its mean enters the table)")
     args = ap.parse_args()
     minutes = int(args.minutes) if float(args.minutes).is_integer() else args.minutes
-    run((minutes,), only=args.arm)
+    run((minutes,), only=args.arm, seed=args.seed)

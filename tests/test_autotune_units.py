@@ -242,6 +242,10 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     measured = run_candidate(cand, ctx)                     # no rate known yet: it runs, and records one
     assert measured["status"] == "ok" and measured["steps"] >= 2
     assert json.loads(rates.read_text().splitlines()[0])["flops_per_s"] > 0
+    # TPE suggesting it again gets the stored measurement back, without another window
+    again = run_candidate(cand, ctx)
+    assert again["repeat"] and again["tokens_per_s"] == measured["tokens_per_s"]
+    assert again["wall_s"] < 0.5 * measured["wall_s"]
     rates.write_text(json.dumps({"flops_per_s": 1e3}) + "\n")  # a machine this slow: one step ≫ 2 windows
     started = time.monotonic()
     skipped = run_candidate(cand, ctx)

@@ -14,7 +14,9 @@ longer than the window would spend the calibration budget on one number. Every m
 appends its effective FLOP rate to a small file beside the study; a later trial whose step
 would need more than two windows even at the best rate seen so far is not run ("too_slow",
 with that optimistic estimate as its objective). Seeds start with the smallest candidate, so
-the rate is known early.
+the rate is known early. The same file makes repeats free: TPE over categorical knobs often
+suggests a configuration again, and a repeat returns the stored measurement at once (Optuna
+still sees its objective) instead of spending another window on a number it already has.
 """
 from __future__ import annotations
 
@@ -61,19 +63,24 @@ def _inject_oom(cand: dict, rule: dict | None) -> bool:
     return bool(rule) and all(cand.get(k) == v for k, v in rule.items())
 
 
-def _best_rate(path: str | None) -> float | None:
-    """The highest FLOP/s measured by earlier trials of this study (None: none yet)."""
+def _earlier(path: str | None) -> list[dict]:
+    """This study's earlier measurements: {"key", "flops_per_s", "metrics"} per line."""
     try:
-        rates = [json.loads(line)["flops_per_s"] for line in Path(path).read_text().splitlines() if line]
-    except (OSError, TypeError, ValueError, KeyError):
-        return None
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    except (OSError, TypeError, ValueError):
+        return []
+
+
+def _best_rate(earlier: list[dict]) -> float | None:
+    """The highest FLOP/s measured by earlier trials of this study (None: none yet)."""
+    rates = [e["flops_per_s"] for e in earlier if e.get("flops_per_s")]
     return max(rates) if rates else None
 
 
-def _record_rate(path: str | None, flops_per_s: float) -> None:
+def _record(path: str | None, key: str, flops_per_s: float | None, metrics: dict) -> None:
     if path:
         with contextlib.suppress(OSError), open(path, "a") as fh:
-            fh.write(json.dumps({"flops_per_s": flops_per_s}) + "\n")
+            fh.write(json.dumps({"key": key, "flops_per_s": flops_per_s, "metrics": metrics}) + "\n")
 
 
 def run_candidate(cand: dict, ctx: dict) -> dict:
@@ -83,12 +90,17 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     from model.config import flops_per_token
     from pipeline.autotune.plan import ScalingLaw, law_params
     from pipeline.autotune.fit import Shape
-    from pipeline.autotune.space import SearchSpace, to_run_config
+    from pipeline.autotune.space import SearchSpace, candidate_key, to_run_config
     from pipeline.data.cache import PreparedData
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
 
     started = time.monotonic()
+    earlier = _earlier(ctx.get("rates_file"))
+    key = candidate_key(cand)
+    repeat = next((e["metrics"] for e in earlier if e.get("key") == key), None)
+    if repeat is not None:
+        return {**repeat, "repeat": 1.0, "wall_s": time.monotonic() - started}
     space = SearchSpace(**ctx["space"])
     folder = Path(ctx["data_folder"])
     data = PreparedData(folder, json.loads((folder / "meta.json").read_text()))
@@ -98,7 +110,7 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
            "error": None, "loss_trace": []}
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     step_tokens = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len)
-    rate = _best_rate(ctx.get("rates_file"))
+    rate = _best_rate(earlier)
     step_s = step_tokens * flops / rate if rate else 0.0  # optimistic: the best rate seen so far
     if step_s > 2 * ctx["window_s"] and not _inject_oom(cand, ctx.get("inject_oom")):
         out.update(status="too_slow", tokens_per_s=rate / flops,
@@ -120,8 +132,6 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
                 out["status"] = "too_slow"      # not even two steps in the window: no steady state
             elif res.stopped == "diverged":
                 out["status"] = "diverged"
-            if res.tokens_per_s > 0:
-                _record_rate(ctx.get("rates_file"), res.tokens_per_s * flops)
         except (torch.OutOfMemoryError, MemoryError) as exc:
             out.update(status="oom", error=str(exc)[:200])
             if torch.cuda.is_available():
@@ -130,6 +140,8 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
         law = ScalingLaw(**ctx.get("law", {}))
         tokens = out["tokens_per_s"] * ctx["full_seconds"]
         out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
+    if out["steps"] > 0 or out["status"] == "oom":  # a measurement (not a skip): kept for repeats
+        _record(ctx.get("rates_file"), key, out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
     out["wall_s"] = time.monotonic() - started
     return out
 
@@ -300,6 +312,8 @@ def _records(grid, choices: dict) -> list[TrialRecord]:
             continue
         if "status" not in m:  # stopped by the calibration deadline before it reported
             out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status="stopped"))
+            continue
+        if m.get("repeat"):  # Optuna's repeat of a measured candidate: one record is enough
             continue
         trace = json.loads(m.get("loss_trace") or "[]")
         out.append(TrialRecord(key=candidate_key(cand), candidate=cand, status=m["status"],
