@@ -285,17 +285,6 @@ def measure(cands: list[dict], ctx: dict, space, storage: Path, name: str) -> li
     return records
 
 
-def measure_here(cand: dict, ctx: dict) -> TrialRecord:
-    """Measure one candidate in this process (the driver, with Ray idle): the conditions of the
-    full run that follows, without the cost of a new Tune experiment."""
-    from pipeline.autotune.space import candidate_key
-
-    m = run_candidate(cand, ctx)
-    fields = {k: m[k] for k in ("status", "tokens_per_s", "peak_memory_bytes", "mfu", "compile_s", "steps",
-                                "wall_s", "loss_first", "loss_last", "error", "loss_trace")}
-    return TrialRecord(key=candidate_key(cand), candidate=cand, objective=m[OBJECTIVE], **fields)
-
-
 def _records(grid, choices: dict) -> list[TrialRecord]:
     from pipeline.autotune.space import candidate_key
 
