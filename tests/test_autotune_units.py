@@ -9,7 +9,7 @@ import pytest
 from model.config import ConfigError, ModelConfig, flops_per_token
 from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
 from pipeline.autotune.plan import ScalingLaw, effective_params, effective_tokens, law_params, plan
-from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config, to_run_config
+from pipeline.autotune.space import SPACES_DIR, load_space, model_config, to_run_config
 
 
 
