@@ -258,7 +258,8 @@ def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp:
 
     if not pipe.done("calibrate"):
         spent = pipe.state["timings"].get("calibrate", 0.0)
-        seconds = max(5.0, calib_s - (time.monotonic() - pipe._stage_t) - spent)
+        # (2 s of the share are kept for logging the trials to MLflow afterwards)
+        seconds = max(5.0, calib_s - (time.monotonic() - pipe._stage_t) - spent - 2.0)
         log(f"[bold]calibrating[/] for {seconds:.0f}s (Ray Tune + Optuna TPE, "
             f"{ctx['window_s']:.0f}s trials)")
         records = cal.calibrate(space, ctx, seconds, pipe.run_dir / "optuna.db",

@@ -255,7 +255,9 @@ def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, 
                             sampler=optuna.samplers.TPESampler(seed=seed),
                             storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),
                             study_name=study_name, points_to_evaluate=points or None)
-    searcher.deadline = time.time() + seconds
+    # The last trial suggested runs up to one window past the deadline: stop suggesting that
+    # much earlier, so calibration keeps to its share of the budget.
+    searcher.deadline = time.time() + max(1.0, seconds - ctx["window_s"])
     resources, concurrent = trial_resources(ray)
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, resources),
