@@ -252,3 +252,20 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     assert skipped["status"] == "too_slow" and skipped["steps"] == 0 and "not run" in skipped["error"]
     assert time.monotonic() - started < measured["wall_s"]
     assert math.isfinite(skipped["objective"])            # Optuna still learns it is a bad region
+
+
+def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
+    from pipeline.autotune.plan import measured_instead
+
+    cands = grid_shapes()
+    rate = FlopRate(1e12)
+    free = plan(cands, rate, NoMemory(), 600, 1e12)
+    favourite, runner_up = free[0], free[1]
+    measured = {runner_up.key: rate.tokens_per_s(next(s for k, _, s in cands if k == runner_up.key))}
+    rows = plan(cands, rate, NoMemory(), 600, 1e12, measured=measured)
+    assert rows[0].key == favourite.key and not rows[0].measured
+    # measuring costs nothing: worth it, the favourite is measured
+    assert measured_instead(rows, plan(cands, rate, NoMemory(), 600, 1e12, measured=measured)) is None
+    # measuring costs most of the budget: the measured runner-up wins without it
+    after = plan(cands, rate, NoMemory(), 60, 1e12, measured=measured)
+    assert measured_instead(rows, after).key == runner_up.key

@@ -281,7 +281,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
     from pipeline.autotune import calibrate as cal
     from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
                                        median_and_max)
-    from pipeline.autotune.plan import law_params, plan, why
+    from pipeline.autotune.plan import law_params, measured_instead, plan, why
     from pipeline.autotune.report import short
     from pipeline.autotune.space import candidate_key, to_run_config
 
@@ -325,11 +325,11 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
     # The launch decision rests on a measurement, not only on the model: an unmeasured choice is
     # measured once and the plan redone with that measurement.
     if not best.measured and not pipe.done("plan"):
-        # A measured candidate whose predicted loss ties the unmeasured favourite (within
-        # 0.1%) wins without another measurement: at short budgets the measurement would
-        # cost more training time than the difference could ever return.
-        tie = next((r for r in rows if r.measured and r.feasible
-                    and r.predicted_loss <= best.predicted_loss * 1.001), None)
+        # A measured candidate at least as good as the favourite would be after paying for its
+        # measurement (one Tune experiment: ~10 s of start-up and a window) wins without it.
+        cost = ctx["window_s"] + 10.0
+        tie = measured_instead(rows, plan(cands, tput, mem, train_seconds() - cost, data.unique_train_tokens,
+                                          memory_limit=limit, measured=measured))
         if tie is not None:
             best = tie
         else:

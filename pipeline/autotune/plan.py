@@ -124,6 +124,16 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
     return rows
 
 
+def measured_instead(rows: list[PlanRow], rows_after_measuring: list[PlanRow]) -> PlanRow | None:
+    """Whether measuring the unmeasured favourite (rows[0]) is worth its cost: the best measured,
+    feasible candidate if it is at least as good as the favourite would be once the measurement's
+    time is spent (`rows_after_measuring`: the plan redone with that much less time); None if the
+    measurement is worth it."""
+    key = rows[0].key
+    after = next(r for r in rows_after_measuring if r.key == key).predicted_loss
+    return next((r for r in rows if r.measured and r.feasible and r.predicted_loss <= after), None)
+
+
 def why(best: PlanRow, rows: list[PlanRow]) -> str:
     """One sentence on why the winner won against its neighbours in size."""
     feasible = [r for r in rows if r.feasible]
