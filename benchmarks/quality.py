@@ -178,11 +178,16 @@ def summarise(minutes, arms_done: dict):
     return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality")
 
 
+def arm_name(key: str) -> str:
+    """The arm a stored result belongs to (`grid:d64-L2@seed1` → `grid:d64-L2`)."""
+    return key.split("@")[0]
+
+
 def arm_means(done: dict) -> tuple[dict, dict]:
     """Each arm's mean bpb over its seeds, and the per-seed values of every arm."""
     seeds: dict[str, list] = {}
     for key, r in done.items():
-        seeds.setdefault(key.split("@")[0], []).append(r["bpb"])
+        seeds.setdefault(arm_name(key), []).append(r["bpb"])
     return {a: round(sum(v) / len(v), 4) for a, v in seeds.items()}, seeds
 
 

@@ -238,7 +238,7 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     rates = tmp_path / "rates.jsonl"
     ctx = {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
            "data_folder": str(tiny_data.folder), "window_s": 4.0, "max_steps": 3, "full_seconds": 600,
-           "unique_tokens": tiny_data.unique_train_tokens, "rates_file": str(rates)}
+           "unique_tokens": tiny_data.unique_train_tokens, "trials_log": str(rates)}
     measured = run_candidate(cand, ctx)                     # no rate known yet: it runs, and records one
     assert measured["status"] == "ok" and measured["steps"] >= 2
     assert json.loads(rates.read_text().splitlines()[0])["flops_per_s"] > 0

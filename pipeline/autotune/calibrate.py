@@ -11,10 +11,10 @@ using every core of a CPU node, because concurrent trials would distort each oth
 
 A trial cannot stop in the middle of an optimizer step, so a candidate whose single step takes
 longer than the window would spend the calibration budget on one number. Every measured trial
-appends its effective FLOP rate to a small file beside the study; a later trial whose step
+appends its result and effective FLOP rate to a log beside the study; a later trial whose step
 would need more than two windows even at the best rate seen so far is not run ("too_slow",
 with that optimistic estimate as its objective). Seeds start with the smallest candidate, so
-the rate is known early. The same file makes repeats free: TPE over categorical knobs often
+the rate is known early. The same log makes repeats free: TPE over categorical knobs often
 suggests a configuration again, and a repeat returns the stored measurement at once (Optuna
 still sees its objective) instead of spending another window on a number it already has.
 """
@@ -96,7 +96,7 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     from pipeline.train.schedule import Budget
 
     started = time.monotonic()
-    earlier = _earlier(ctx.get("rates_file"))
+    earlier = _earlier(ctx.get("trials_log"))
     key = candidate_key(cand)
     repeat = next((e["metrics"] for e in earlier if e.get("key") == key), None)
     if repeat is not None:
@@ -141,7 +141,7 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
         tokens = out["tokens_per_s"] * ctx["full_seconds"]
         out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
     if out["steps"] > 0 or out["status"] == "oom":  # a measurement (not a skip): kept for repeats
-        _record(ctx.get("rates_file"), key, out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
+        _record(ctx.get("trials_log"), key, out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
     out["wall_s"] = time.monotonic() - started
     return out
 
@@ -248,7 +248,7 @@ def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, 
 
     choices = space.choices
     storage.parent.mkdir(parents=True, exist_ok=True)
-    ctx = {**ctx, "rates_file": str(storage.parent.resolve() / f"{study_name}.rates.jsonl")}
+    ctx = {**ctx, "trials_log": str(storage.parent.resolve() / f"{study_name}.trials.jsonl")}
     define = DefineByRun(choices, ctx)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = DeadlineOptunaSearch(define, metric=OBJECTIVE, mode="min",
