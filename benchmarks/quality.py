@@ -70,7 +70,11 @@ def grid_config(name: str, vocab: int) -> dict:
     width, layers, heads = GRID[name]
     return {"model": {"vocab_size": vocab, "d_model": width, "n_layers": layers, "n_heads": heads,
                       "ffn_hidden": 4 * width, "max_seq_len": 256},
-            "train": {"lr": 0.003 * 128 / width, "batch_tokens": 8192, "micro_batch": 16, "seq_len": 256}}
+            "train": {"lr": 0.003 * 128 / width, "batch_tokens": 8192, "micro_batch": 16, "seq_len": 256,
+                      # no warmup: what the stored grid runs had (until the engine started the
+                      # schedule at the first step, the default 2% warmup passed during start-up),
+                      # and what the CPU space uses
+                      "warmup_frac": 0.0}}
 
 
 def _train(cfg: dict, minutes: float, out: Path, seed: int = 0) -> dict:

@@ -63,6 +63,28 @@ def test_time_schedule_reaches_zero_at_the_deadline_with_a_fake_clock(tiny_data)
     assert lrs == sorted(lrs[: lrs.index(peak) + 1]) + lrs[lrs.index(peak) + 1:]
 
 
+def test_warmup_starts_at_the_first_step_not_at_process_start(tiny_data, tmp_path):
+    # 30 s of start-up (imports, data, MLflow) are inside the deadline; the warmup (10% of the
+    # training window) must still happen, or the first steps run at full rate from cold weights.
+    now = [30.0]
+    lrs = []
+
+    def tick(trainer, loss):
+        now[0] += 2.0
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return loss
+
+    cfg = tiny_run_config()
+    cfg.train.warmup_frac = 0.1
+    t = make(tiny_data, Budget(seconds=130.0, clock=lambda: now[0], start=0.0), run_dir=tmp_path, cfg=cfg,
+             loss_hook=tick)
+    res = t.run()
+    assert res.stopped == "deadline" and now[0] <= 130.0
+    peak = max(lrs)
+    assert lrs[0] < 0.2 * peak and lrs.index(peak) >= 3     # ramped up from the first step
+    assert lrs[-1] < 0.1 * peak                               # and decayed to ~zero at the deadline
+
+
 def test_resume_is_bitwise_identical_on_cpu(tiny_data, tmp_path):
     budget = Budget(tokens=16 * 1024)
     straight = make(tiny_data, budget, run_dir=tmp_path / "a")

@@ -174,6 +174,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed_before = 0.0          # training seconds spent by earlier processes (resume)
+        self.train_from = 0.0              # elapsed seconds at the first step: the schedule starts there
         self.lr_scale = 1.0
         self.failures_since_checkpoint = 0
         self.result = TrainResult(run_dir=str(self.run_dir) if self.run_dir else None)
@@ -213,6 +214,7 @@ class Trainer:
         if self.resume_elapsed:  # else the clock is absolute (wall time since the run's start)
             self.elapsed_before = state["elapsed_s"]
         self.lr_scale = state.get("lr_scale", 1.0)
+        self.train_from = state.get("train_from_s", 0.0)
         if state.get("micro_batch", self.micro_batch) != self.micro_batch:
             self._set_micro_batch(state["micro_batch"])
         self.loader.load_state_dict(state["loader"])
@@ -228,8 +230,11 @@ class Trainer:
         return self.elapsed_before + self.budget.clock() - self._t0
 
     def progress(self, reserve: float) -> float:
+        # A timed schedule spans the training window, from the first step to the deadline less the
+        # final work; counted from process start, its warmup would pass during start-up.
         if self.budget.timed:
-            return self.elapsed() / max(1e-9, self.budget.seconds - reserve)
+            window = self.budget.seconds - reserve - self.train_from
+            return (self.elapsed() - self.train_from) / max(1e-9, window)
         return self.tokens / self.budget.tokens
 
     @property
@@ -331,7 +336,7 @@ class Trainer:
     # --- checkpoints -----------------------------------------------------------------------
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
-                "lr_scale": self.lr_scale, "micro_batch": self.micro_batch,
+                "lr_scale": self.lr_scale, "train_from_s": self.train_from, "micro_batch": self.micro_batch,
                 "loader": self.loader.state_dict(), "config_fingerprint": self.cfg.fingerprint(),
                 "budget_seconds": self.budget.seconds, "budget_tokens": self.budget.tokens,
                 "nan_rollbacks": self.result.nan_rollbacks,
@@ -400,6 +405,7 @@ class Trainer:
             val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
             res.final_eval_s = per_token * val_tokens
             if self.step == 0:
+                self.train_from = self.elapsed()
                 res.save_s = self.save_checkpoint()  # the rollback point, and a measured save time
             # final work: full-split eval + a checkpoint + native and HF model folders
             reserve = 1.2 * (res.final_eval_s + 3 * max(res.save_s, 0.05)) + 0.5
