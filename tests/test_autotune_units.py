@@ -133,6 +133,25 @@ def test_measured_throughput_overrides_the_model():
     assert row.measured and row.tokens_per_s == 1e9
 
 
+def test_a_lucky_reading_does_not_win_but_a_cliff_does():
+    from pipeline.autotune.plan import planning_rates
+
+    cands = grid_shapes()[:6]
+    rate = FlopRate(1e12)
+    predicted = {k: rate.tokens_per_s(s) for k, _, s in cands}
+    best, other = [r.key for r in plan(cands, rate, NoMemory(), 600, 1e12)[:2]]
+    # Taken at face value, a reading 40% above the model (a lucky window) makes the runner-up win;
+    assert plan(cands, rate, NoMemory(), 600, 1e12, measured={other: 1.4 * predicted[other]})[0].key == other
+    # planned at the model's rate instead, it does not ...
+    lucky = planning_rates({other: 1.4 * predicted[other]}, predicted)
+    assert lucky[other] == predicted[other]
+    assert plan(cands, rate, NoMemory(), 600, 1e12, measured=lucky)[0].key == best
+    # ... one far below it (a memory cliff, a failed verification) is believed.
+    cliff = planning_rates({best: 0.3 * predicted[best]}, predicted)
+    assert cliff[best] == 0.3 * predicted[best]
+    assert plan(cands, rate, NoMemory(), 600, 1e12, measured=cliff)[0].key != best
+
+
 def test_throughput_fit_recovers_known_parameters():
     rng = np.random.default_rng(0)
     true = {"mm": 2e-3, "narrow": 5e-4, "attn": 1e-3, "layer": 3e-4, "step": 0.05}

@@ -281,7 +281,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
     from pipeline.autotune import calibrate as cal
     from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
                                        median_and_max)
-    from pipeline.autotune.plan import law_params, measured_instead, plan, why
+    from pipeline.autotune.plan import law_params, measured_instead, plan, planning_rates, why
     from pipeline.autotune.report import short
     from pipeline.autotune.space import candidate_key, to_run_config
 
@@ -302,14 +302,18 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
 
     # 5. plan: every candidate's predicted loss for the time left
     limit = 0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes
-    measured = {}
+    readings = {}
     for r in ok:  # several trials of one candidate: average them
-        measured.setdefault(r.key, []).append(r.tokens_per_s)
-    measured = {k: sum(v) / len(v) for k, v in measured.items()}
+        readings.setdefault(r.key, []).append(r.tokens_per_s)
+    readings = {k: sum(v) / len(v) for k, v in readings.items()}
     cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
-    # registration (log + validate-load the pyfunc: ~2-4 s on CPU for small models, more for
-    # big ones, which take longer to write and load) + plots and summary
-    reg_reserve = 8.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
+    shapes_by_key = {r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in cands}
+    # measured candidates are planned at the model's rate (their own reading only if it shows a cliff)
+    measured = planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
+    # registration (log + validate-load the pyfunc: 1.4-1.8 s on 2 CPU cores for sub-1M-parameter
+    # models, more for big ones, which take longer to write and load) + plots and summary; with
+    # 8 s here, the 10-minute runs ended ~9 s early
+    reg_reserve = 3.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
 
     def train_seconds():
         return pipe.left() - reg_reserve
@@ -345,7 +349,12 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
             for r in extra:
                 # one step is a measurement too (a big choice may take a whole window per step)
                 usable = r.status in ("ok", "too_slow") and r.tokens_per_s > 0
-                measured[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
+                readings[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
+                if usable:  # one more point for the model
+                    shapes.append(shapes_by_key[r.key])
+                    tps.append(r.tokens_per_s)
+            tput = ThroughputModel.fit(shapes, tps)
+            measured = planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
             rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
                         measured=measured)
             best = rows[0]
