@@ -327,7 +327,8 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
                         f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
     best = rows[0]
     # The launch decision rests on a measurement, not only on the model: an unmeasured choice is
-    # measured once and the plan redone with that measurement.
+    # measured once, the model refitted with that point and the plan redone (a reading far below
+    # the model, or a failed one, rules the choice out).
     if not best.measured and not pipe.done("plan"):
         # A measured candidate at least as good as the favourite would be after paying for its
         # measurement (one Tune experiment: ~10 s of start-up and a window) wins without it.
@@ -348,7 +349,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
             pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
             for r in extra:
                 # one step is a measurement too (a big choice may take a whole window per step)
-                usable = r.status in ("ok", "too_slow") and r.tokens_per_s > 0
+                usable = r.status in ("ok", "too_slow") and r.steps > 0 and r.tokens_per_s > 0
                 readings[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
                 if usable:  # one more point for the model
                     shapes.append(shapes_by_key[r.key])
