@@ -434,7 +434,9 @@ class Trainer:
                     stop = "steps"
                 do_eval = not self.trial and res.steps > 0 and now - last_eval >= tc.eval_every_s
                 do_ckpt = not self.trial and res.steps > 0 and now - last_ckpt >= tc.checkpoint_every_s
-                code, do_eval, do_ckpt = self._broadcast([STOPS.index(stop), do_eval, do_ckpt])
+                # (rank 0's progress too: ranks with their own clocks would step at different rates)
+                code, do_eval, do_ckpt, p = self._broadcast([STOPS.index(stop), do_eval, do_ckpt,
+                                                             self.progress(reserve)])
                 stop = STOPS[int(code)]
                 if do_eval:
                     last_eval = now
@@ -454,7 +456,6 @@ class Trainer:
                         self._deadline_error(None, reserve)
                     res.stopped = stop
                     break
-                p = self.progress(reserve)
                 lr = tc.lr * self.lr_scale * lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac)
                 t = time.monotonic()
                 try:
