@@ -20,9 +20,8 @@ def runners():
     from benchmarks import data_bench, deadline, generation, micro_batch, predictor, quality, speed
 
     return {"speed_vs_hf": speed.run, "micro_batch": micro_batch.run, "data": data_bench.run,
-            "generation": generation.run,
-            "predictor": predictor.run,
-            "deadline": deadline.run, "quality": quality.run}
+            "generation": generation.run, "predictor": predictor.run, "deadline": deadline.run,
+            "quality": quality.run}
 
 
 def _cell(v):

@@ -308,8 +308,11 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
     readings = {k: sum(v) / len(v) for k, v in readings.items()}
     cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
     shapes_by_key = {r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in cands}
-    # measured candidates are planned at the model's rate (their own reading only if it shows a cliff)
-    measured = planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
+
+    def rates_for_measured():  # the model's rate (a candidate's own reading only if it shows a cliff)
+        return planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
+
+    measured = rates_for_measured()
     # registration (log + validate-load the pyfunc: 1.4-1.8 s on 2 CPU cores for sub-1M-parameter
     # models, more for big ones, which take longer to write and load) + plots and summary; with
     # 8 s here, the 10-minute runs ended ~9 s early
@@ -355,7 +358,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
                     shapes.append(shapes_by_key[r.key])
                     tps.append(r.tokens_per_s)
             tput = ThroughputModel.fit(shapes, tps)
-            measured = planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
+            measured = rates_for_measured()
             rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
                         measured=measured)
             best = rows[0]
