@@ -1,6 +1,7 @@
 """One error type for bad user input, and the CLI wrapper that turns it into one clear line."""
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -9,6 +10,14 @@ from model.config import ConfigError
 
 class UserError(Exception):
     """Input the user can fix. The message is one line that names the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported like every other bad input: one line, exit 2
+    (argparse's default prints the whole usage block first, burying the line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def cli(main):

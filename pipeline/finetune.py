@@ -8,12 +8,11 @@ import time
 
 STARTED = time.monotonic()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline.errors import UserError, cli  # noqa: E402
+from pipeline.errors import ArgumentParser, UserError, cli  # noqa: E402
 from pipeline.train.__main__ import add_budget_args, budget_from_args  # noqa: E402
 
 def log(message: str) -> None:
@@ -46,7 +45,7 @@ def resize_embeddings(model, vocab: int) -> None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.finetune", description=__doc__)
+    p = ArgumentParser(prog="python -m pipeline.finetune", description=__doc__)
     p.add_argument("--model", help="models:/NAME@ALIAS | models:/NAME/VERSION | PATH")
     p.add_argument("--data", help="chat JSONL file(s)/glob, or a hub dataset name")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted fine-tune on its deadline")

@@ -17,7 +17,7 @@ import torch
 
 from model.hf import load_native, read_config
 from model.llama import KVCache, Transformer
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 
 
 @dataclass
@@ -275,7 +275,7 @@ def repl(gen: Generator, s: Sampling, beams: int, stream: bool) -> None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.generate", description=__doc__,
+    p = ArgumentParser(prog="python -m pipeline.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/model | PATH")
     p.add_argument("--prompt", help="omit for an interactive REPL")

@@ -1,13 +1,12 @@
 """`python -m pipeline.models`: the registered models, their versions, aliases and val bpb."""
 from __future__ import annotations
 
-import argparse
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline import tracking
-from pipeline.errors import cli
+from pipeline.errors import ArgumentParser, cli
 
 
 def rows() -> list[dict]:
@@ -29,7 +28,7 @@ def rows() -> list[dict]:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.models", description=__doc__)
+    p = ArgumentParser(prog="python -m pipeline.models", description=__doc__)
     p.add_argument("--mlflow-uri")
     args = p.parse_args(argv)
     tracking.setup(args.mlflow_uri)

@@ -8,6 +8,7 @@ trials that chdir into their own folders still write to the same store. `--mlflo
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -41,6 +42,11 @@ def setup(cli_uri: str | None = None, experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store, create it and the experiment once (driver side); return its id."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
+
+    # A new store announces its schema migrations at INFO, which would bury a user's one-line
+    # error (or the first lines of a run) under database chatter.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     uri = resolve_uri(cli_uri)
     db = _local_sqlite_path(uri)

@@ -47,3 +47,18 @@ def tiny_run_config(**train):
                                        n_kv_heads=2, max_seq_len=t["seq_len"]),
                      train=TrainConfig(**t),
                      data=DataSettings(vocab_size=512, max_tokens=150_000, val_fraction=0.05))
+
+
+def run_cli(module: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """A CLI's `main` in this process: (exit code, stdout, stderr). For refusals, where a fresh
+    interpreter per case would cost seconds of imports each; every CLI keeps one real
+    `python -m` subprocess test, so the entry point itself stays covered."""
+    import importlib
+
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main(args) or 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -8,7 +8,8 @@ import pytest
 
 from model.config import ConfigError, ModelConfig, flops_per_token
 from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
-from pipeline.autotune.plan import ScalingLaw, effective_params, effective_tokens, law_params, plan
+from pipeline.autotune.plan import (ScalingLaw, effective_params, effective_tokens, law_params, memory_ceiling,
+                                   plan)
 from pipeline.autotune.space import SPACES_DIR, load_space, model_config, to_run_config
 
 
@@ -100,6 +101,23 @@ def test_memory_limit_excludes_candidates_and_flags_them():
     assert all(r.predicted_loss == math.inf for r in rows if not r.feasible)
     unlimited = plan(cands, FlopRate(1e16), BigIsHeavy(), 3600, 1e15)[0]
     assert unlimited.params > 20e6  # the limit is what changed the choice
+
+
+def test_an_out_of_memory_trial_rules_out_itself_and_everything_heavier():
+    cands = grid_shapes()
+
+    class BigIsHeavy:
+        def bytes(self, s):
+            return law_params(s) * 16.0
+
+    free = plan(cands, FlopRate(1e16), BigIsHeavy(), 3600, 1e15)[0]
+    # the favourite ran out of memory in calibration although the configured limit allows it
+    limit = memory_ceiling(math.inf, [free.memory_bytes])
+    rows = plan(cands, FlopRate(1e16), BigIsHeavy(), 3600, 1e15, memory_limit=limit)
+    assert rows[0].feasible and rows[0].memory_bytes < free.memory_bytes
+    assert not next(r for r in rows if r.key == free.key).feasible
+    assert not any(r.feasible for r in rows if r.memory_bytes >= free.memory_bytes)
+    assert memory_ceiling(1e9, []) == 1e9 and memory_ceiling(1e9, [2e9]) == 1e9  # the tighter one wins
 
 
 def test_models_too_big_to_replicate_are_planned_with_fsdp_on_several_workers():
@@ -288,3 +306,16 @@ def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
     # measuring costs most of the budget: the measured runner-up wins without it
     after = plan(cands, rate, NoMemory(), 60, 1e12, measured=measured)
     assert measured_instead(rows, after).key == runner_up.key
+
+
+@pytest.mark.parametrize("args, message", [(["--hours", "0"], "must be > 0"),
+                                           (["--hours", "abc"], "is not a number"),
+                                           (["--minutes", "2"], "give at least 180s"),
+                                           ([], "give a budget")])
+def test_bad_budgets_are_refused_in_one_line(args, message, tmp_path, capsys):
+    from pipeline.autotune.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--out", str(tmp_path / "runs"), "--yes"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and err.strip().count("\n") <= 1, err

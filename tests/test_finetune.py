@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import run_cli, tiny_run_config
 from model import ConfigError, ModelConfig, Transformer
 from model.hf import save_native
 from pipeline import chat
@@ -129,7 +129,7 @@ def test_finetune_cli_registers_lineage_and_chat_uses_template(base_dir, tmp_pat
         {"role": "user", "content": "no answer here"}]})])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--model", str(base_dir), "--data", str(data),
-                          "--minutes", "0.75", "--out", str(tmp_path / "ft"), "--model-name", "ft-test"],
+                          "--minutes", "0.4", "--out", str(tmp_path / "ft"), "--model-name", "ft-test"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipped 1 malformed lines (chat.jsonl:121)" in out.stderr
@@ -160,14 +160,16 @@ def test_bad_chat_input(tmp_path, base_dir):
         apply_lora(Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2)), ["qkv"], 4, 8)
 
 
-def test_finetune_cli_refuses_bad_rank_and_missing_model(tmp_path, base_dir):
+def test_finetune_cli_refuses_bad_rank_and_missing_model(tmp_path, base_dir, capsys):
+    import re
+
     data = write_chat(tmp_path / "c.jsonl", n=4)
-    for args, message in ((["--model", str(base_dir), "--lora-rank", "0"], "--lora-rank must be ≥ 1"),
-                          (["--model", "models:/does-not-exist@champion"], "no registered model|no models yet"),
+    common = ["--data", str(data), "--minutes", "1"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.finetune", *common, "--model", str(base_dir),
+                          "--lora-rank", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--lora-rank must be ≥ 1" in out.stderr, out.stderr
+    for args, message in ((["--model", "models:/does-not-exist@champion"], "no registered model|no models yet"),
                           (["--model", str(base_dir), "--lora-targets", "qkv"], "match no module"),
                           (["--resume", str(tmp_path)], "not a fine-tuning run folder")):
-        out = subprocess.run([sys.executable, "-m", "pipeline.finetune", "--data", str(data), "--minutes", "1", *args],
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2
-        import re
-        assert re.search(message, out.stderr), out.stderr
+        code, _, err = run_cli("pipeline.finetune", [*common, *args], capsys)
+        assert code == 2 and re.search(message, err) and err.count("\n") == 1, err

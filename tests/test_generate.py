@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from model import ModelConfig, Transformer
 from model.hf import export_hf, save_native
 from pipeline.errors import UserError
@@ -99,17 +100,19 @@ def test_empty_prompt_and_corrupt_artifact(gen, model_dir, tmp_path):
         load_generator(broken.parent)
 
 
-def test_cli_generates_from_a_folder_and_refuses_bad_input(model_dir):
+def test_cli_generates_from_a_folder_and_refuses_bad_input(model_dir, capsys):
     run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline.generate", "--model", str(model_dir), *a],
                                     capture_output=True, text=True)
     ok = run("--prompt", "The city", "--max-new-tokens", "5", "--temperature", "0")
     assert ok.returncode == 0 and ok.stdout.startswith("The city")
     beams = run("--prompt", "The city", "--max-new-tokens", "4", "--beams", "3")
     assert beams.returncode == 0 and len(beams.stdout.strip().splitlines()) == 3
-    for args, message in ((["--prompt", ""], "empty"), (["--prompt", "x", "--temperature", "-2"], "temperature"),
-                          (["--prompt", "x", "--beams", "0"], "beams")):
-        bad = run(*args)
-        assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
+    bad = run("--prompt", "")
+    assert bad.returncode == 2 and "empty" in bad.stderr and bad.stderr.count("\n") == 1
+    for args, message in ((["--prompt", "x", "--temperature", "-2"], "temperature"),
+                          (["--prompt", "x", "--beams", "0"], "beams"), (["--promt", "x"], "unrecognized")):
+        code, _, err = run_cli("pipeline.generate", ["--model", str(model_dir), *args], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
 
 
 def test_repl_reads_prompts_and_settings(model_dir):

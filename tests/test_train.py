@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import run_cli, tiny_run_config
 from pipeline.errors import UserError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import ConfigError, RunConfig, apply_overrides
@@ -272,13 +272,14 @@ def test_resume_refuses_non_checkpoint_and_other_config(tiny_data, tmp_path):
         make(tiny_data, Budget(tokens=4 * 1024), run_dir=tmp_path, cfg=other, resume=True)
 
 
-def test_train_cli_refuses_existing_run_folder_and_missing_budget(tmp_path):
+def test_train_cli_refuses_existing_run_folder_and_missing_budget(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("x: 1")
-    for args, message in ([["--minutes", "1", "--out", str(tmp_path / "run")], "already holds a run"],
-                          [["--out", str(tmp_path / "new")], "give a budget"],
+    out = subprocess.run([sys.executable, "-m", "pipeline.train", "--no-mlflow", "--minutes", "1",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 2 and "already holds a run" in out.stderr
+    for args, message in ([["--out", str(tmp_path / "new")], "give a budget"],
                           [["--minutes", "-3"], "must be > 0"]):
-        out = subprocess.run([sys.executable, "-m", "pipeline.train", "--no-mlflow", *args],
-                             capture_output=True, text=True)
-        assert out.returncode == 2 and message in out.stderr
+        code, _, err = run_cli("pipeline.train.__main__", ["--no-mlflow", *args], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
     assert (tmp_path / "run" / "config.yaml").read_text() == "x: 1"

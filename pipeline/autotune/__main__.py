@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from pipeline.data.__main__ import add_data_args, settings_from_args  # noqa: E402
-from pipeline.errors import UserError, cli  # noqa: E402
+from pipeline.errors import ArgumentParser, UserError, cli  # noqa: E402
 from pipeline.train.__main__ import add_budget_args, budget_from_args  # noqa: E402
 
 console = Console(stderr=True)
@@ -28,7 +28,7 @@ if not console.is_terminal:  # logs and CI: wide enough for the plan table
     console = Console(stderr=True, width=160)
 # Below these budgets the fixed costs (Ray start, data, calibration, evaluation, registration)
 # leave no useful training time.
-MIN_SECONDS = {"cpu": 240, "cuda": 600}
+MIN_SECONDS = {"cpu": 180, "cuda": 600}
 STATE = "pipeline.json"
 
 
@@ -69,7 +69,7 @@ class Pipeline:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="python -m pipeline.autotune", description=__doc__)
+    p = ArgumentParser(prog="python -m pipeline.autotune", description=__doc__)
     add_budget_args(p, tokens=False)
     add_data_args(p)
     p.add_argument("--space", help="search space YAML or built-in name (default: cpu or gpu by hardware)")
@@ -236,8 +236,8 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     need_ray = not pipe.done("plan")
     session = cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) if need_ray else contextlib.nullcontext()
     with session:
-        ok = calibrate_stage(pipe, args, space, ctx, calib_s, exp, parent)
-        planned = fit_and_choose(pipe, args, hw, space, data, ok, ctx, exp, parent)
+        records = calibrate_stage(pipe, args, space, ctx, calib_s, exp, parent)
+        planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent)
     # Ray is shut down here: the full run gets every core and all the memory.
     best, rows = planned.best, planned.rows
     console.print(plan_table(rows))
@@ -253,7 +253,7 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
 
 
 def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp: str, parent) -> list:
-    """Run (or, on resume, reload) the calibration trials; the successful ones."""
+    """Run (or, on resume, reload) the calibration trials; all of them, failed ones included."""
     from pipeline.autotune import calibrate as cal
 
     if not pipe.done("calibrate"):
@@ -274,20 +274,21 @@ def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp:
     if not ok:
         raise UserError("no calibration trial succeeded (see the MLflow trial runs); the space's "
                         "smallest model may not fit this machine: try a smaller --space")
-    return ok
+    return records
 
 
-def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, exp: str, parent) -> Plan:
+def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent) -> Plan:
     from pipeline.autotune import calibrate as cal
     from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
                                        median_and_max)
-    from pipeline.autotune.plan import law_params, measured_instead, plan, planning_rates, why
+    from pipeline.autotune.plan import law_params, measured_instead, memory_ceiling, plan, planning_rates, why
     from pipeline.autotune.report import short
     from pipeline.autotune.space import candidate_key, to_run_config
 
     def shape(cand):
         return Shape.of(to_run_config(cand, space, data.vocab_size))
 
+    ok = [r for r in records if r.status == "ok"]
     # 4. fit: throughput and memory models, with their leave-one-out error
     shapes, tps = [shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok]
     tput = ThroughputModel.fit(shapes, tps)
@@ -301,7 +302,8 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
         parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst}, step=0)
 
     # 5. plan: every candidate's predicted loss for the time left
-    limit = 0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes
+    limit = memory_ceiling(0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes,
+                           [mem.bytes(shape(r.candidate)) for r in records if r.status == "oom"])
     readings = {}
     for r in ok:  # several trials of one candidate: average them
         readings.setdefault(r.key, []).append(r.tokens_per_s)
@@ -354,6 +356,8 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, ok: list, ctx: dict, e
                 # one step is a measurement too (a big choice may take a whole window per step)
                 usable = r.status in ("ok", "too_slow") and r.steps > 0 and r.tokens_per_s > 0
                 readings[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
+                if r.status == "oom":
+                    limit = memory_ceiling(limit, [mem.bytes(shapes_by_key[r.key])])
                 if usable:  # one more point for the model
                     shapes.append(shapes_by_key[r.key])
                     tps.append(r.tokens_per_s)
@@ -421,7 +425,10 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
             result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent.id, len(hw.gpus))
         elif resume_full:
             cfg, st = load_resume(full_dir, None)
-            res, run_id = train_run(cfg, Budget(seconds=st["budget_seconds"]), full_dir, resume=True,
+            # The run's own budget would restart the clock at its last checkpoint, so the time
+            # lost since then and this process's start-up would overrun the pipeline's deadline
+            # (by ~10 s in a 4-minute test): the resumed run ends where the pipeline must.
+            res, run_id = train_run(cfg, Budget(seconds=st["elapsed_s"] + seconds), full_dir, resume=True,
                                     mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
                                     data=data, log=log)
             result = result_dict(res)

@@ -124,6 +124,14 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
     return rows
 
 
+def memory_ceiling(limit: float, oom_bytes: list[float]) -> float:
+    """The memory limit the plan applies, lowered by calibration's out-of-memory trials: a trial
+    that ran out of memory measured the ceiling, so every candidate the memory model predicts to
+    need at least as much as it did is infeasible too (a bigger model that fitted where a smaller
+    one did not is not something to bet a full run on)."""
+    return min([limit, *(0.999 * b for b in oom_bytes)])
+
+
 # A reading this far below the model's prediction is a real effect the model's smooth form
 # cannot know (a cache or memory cliff, a failed run), not noise: it overrides the model.
 CLIFF = 0.6

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipeline.data.cache import DataSettings, prepare
-from pipeline.errors import cli
+from pipeline.errors import ArgumentParser, cli
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def settings_from_args(args, seed: int = 0) -> DataSettings:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__)
+    p = ArgumentParser(prog="python -m pipeline.data", description=__doc__)
     add_data_args(p)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

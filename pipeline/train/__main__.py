@@ -10,7 +10,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline.errors import UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli
 from pipeline.train.config import RunConfig, apply_overrides
 from pipeline.train.engine import Interrupted
 from pipeline.train.run import load_resume, new_run_dir, train_run
@@ -49,7 +49,7 @@ def budget_from_args(args) -> Budget | None:
 
 @cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__)
+    p = ArgumentParser(prog="python -m pipeline.train", description=__doc__)
     p.add_argument("--config", help="YAML with model/train/data sections (default: built-in small model)")
     add_budget_args(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run on its original deadline")
