@@ -18,15 +18,13 @@ import statistics
 from benchmarks.common import save
 
 
-def replay(layers: int, seed: int, lr_mult: float, steps: int = 100, horizon: int = 1000) -> tuple[float, float]:
+def replay(space, data, layers: int, seed: int, lr_mult: float, steps: int = 100,
+           horizon: int = 1000) -> tuple[float, float]:
     """(mean train loss over steps 41-50, over steps 91-100) of the CPU space's d64 model."""
-    from pipeline.autotune.space import load_space, to_run_config
-    from pipeline.data import DataSettings, prepare
+    from pipeline.autotune.space import to_run_config
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
 
-    space = load_space("cpu")
-    data = prepare(DataSettings(), log=lambda *_: None)
     cand = {k: v[0] for k, v in space.choices.items()} | {"n_layers": layers, "n_heads": 1}
     cfg = to_run_config(cand, space, data.vocab_size, seed=seed)
     cfg.train.lr *= lr_mult
@@ -38,9 +36,13 @@ def replay(layers: int, seed: int, lr_mult: float, steps: int = 100, horizon: in
 
 
 def run(layers: int = 1, seeds=(0, 1, 2), lr_mults=(0.5, 0.7, 1.0, 1.5, 2.0, 3.0)) -> dict:
+    from pipeline.autotune.space import load_space
+    from pipeline.data import DataSettings, prepare
+
+    space, data = load_space("cpu"), prepare(DataSettings(), log=lambda *_: None)  # once, for every replay
     rows = []
     for mult in lr_mults:
-        at = {s: replay(layers, s, mult) for s in seeds}
+        at = {s: replay(space, data, layers, s, mult) for s in seeds}
         rows.append({"model": f"d64-L{layers}", "lr_multiple": mult,
                      **{f"loss@100 seed{s}": round(v[1], 3) for s, v in at.items()},
                      "loss@50 mean": round(statistics.fmean(v[0] for v in at.values()), 3),
