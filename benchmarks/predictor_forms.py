@@ -22,7 +22,14 @@ FORMS = [["mm"], ["mm", "step"], ["mm", "attn"], ["mm", "attn", "step"], ["mm", 
          ["mm", "narrow", "attn", "layer", "step"]]
 
 
-def _shape(space, vocab: int, heads: int, layers: int):
+def stored_calibrations() -> list[dict]:
+    """One {(n_heads, n_layers): (tokens/s, steps)} per stored calibration (the other knobs are
+    the CPU space's single choices)."""
+    stored = json.loads((RESULTS / "calibrations-cpu.json").read_text())["calibrations"]
+    return [{(t["n_heads"], t["n_layers"]): (t["tokens_per_s"], t["steps"]) for t in c["trials"]} for c in stored]
+
+
+def shape_of(space, vocab: int, heads: int, layers: int):
     from pipeline.autotune.fit import Shape
     from pipeline.autotune.space import to_run_config
 
@@ -45,9 +52,9 @@ def run(vocab: int = 4096):
     from pipeline.autotune.space import SPACES_DIR, load_space
 
     space = load_space(SPACES_DIR / "cpu.yaml")
-    stored = json.loads((RESULTS / "calibrations-cpu.json").read_text())["calibrations"]
-    runs = [{(t["n_heads"], t["n_layers"]): t["tokens_per_s"] for t in c["trials"]} for c in stored]
-    steps = [{(t["n_heads"], t["n_layers"]): t["steps"] for t in c["trials"]} for c in stored]
+    stored = stored_calibrations()
+    runs = [{c: v for c, (v, _) in r.items()} for r in stored]
+    steps = [{c: n for c, (_, n) in r.items()} for r in stored]
     forms = {"product (terms by trial count)": lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
     forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FORMS}
     errors = {name: [] for name in forms}
@@ -60,10 +67,10 @@ def run(vocab: int = 4096):
                     others.setdefault(c, []).append(v)
         repeat += [(steps[i][c], abs(v / statistics.median(others[c]) - 1)) for c, v in rows.items() if c in others]
         truth = {c: statistics.median(v) for c, v in others.items() if c not in rows}
-        shapes = [_shape(space, vocab, *c) for c in rows]
+        shapes = [shape_of(space, vocab, *c) for c in rows]
         for name, form in forms.items():
             predict = form(shapes, list(rows.values()))
-            errors[name] += [abs(predict(_shape(space, vocab, *c)) / t - 1) for c, t in truth.items()]
+            errors[name] += [abs(predict(shape_of(space, vocab, *c)) / t - 1) for c, t in truth.items()]
     out = [{"form": name, "median_error": round(float(np.median(e)), 4), "mean_error": round(float(np.mean(e)), 4),
             "worst_error": round(float(np.max(e)), 4), "predictions": len(e)} for name, e in errors.items()]
     out.sort(key=lambda r: r["median_error"])

@@ -1,0 +1,107 @@
+"""Does the planner's scaling law rank the hand-grid runs the way they finished? (No training:
+a replay of stored results, seconds on any machine.)
+
+For every pair of grid runs at one budget (`benchmarks/results/quality-arms-cpu.json`, each with
+its parameters and the tokens it trained), the law predicts which of the two ends lower; a pair
+counts when the two are different architectures and differ by more than 0.004 bpb (under that,
+seeds decide). This is done
+for the default law and for weaker discounts of excess parameters (R_N*, Muennighoff et al.'s
+5.3 by default), together with the training time at which the planner, given the throughput model
+fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the space's smallest
+model, and what each stored calibration's own model would make it choose at 10 and 15 minutes."""
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+
+from benchmarks.common import RESULTS, save
+from benchmarks.predictor_forms import shape_of, stored_calibrations
+from benchmarks.quality import arm_name
+
+R_N = [5.3, 10.0, 15.0, 20.0, 30.0, 50.0, 1e9]
+CLOSE = 0.004
+
+
+def _grid_runs(arms: dict, unique_tokens: float) -> dict[str, list[tuple[str, float, float, float]]]:
+    """{budget: [(arm, law params, tokens, bpb)]} for the grid arms that stored their tokens."""
+    from model.config import ModelConfig, param_counts
+
+    out = {}
+    for minutes, done in arms.items():
+        rows = []
+        for arm, r in done.items():
+            if arm.startswith("grid:") and r.get("tokens"):
+                n = param_counts(ModelConfig(**r["choice"]))["active"]
+                rows.append((arm, float(n), float(r["tokens"]), r["bpb"]))
+        if len(rows) >= 2:
+            out[minutes] = rows
+    return out
+
+
+def _throughput(space, vocab: int):
+    """(model fitted on every stored trial's median, one model per stored calibration)."""
+    from pipeline.autotune.fit import ThroughputModel
+
+    pool: dict = {}
+    each = []
+    for calibration in stored_calibrations():
+        knobs = [c for c in calibration if c[1] in space.choices["n_layers"]]  # the current space's
+        for c in knobs:
+            pool.setdefault(c, []).append(calibration[c][0])
+        each.append(ThroughputModel.fit([shape_of(space, vocab, *c) for c in knobs],
+                                        [calibration[c][0] for c in knobs]))
+    pooled = ThroughputModel.fit([shape_of(space, vocab, *c) for c in pool],
+                                 [statistics.median(v) for v in pool.values()])
+    return pooled, each
+
+
+def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
+    from pipeline.autotune.fit import MemoryModel
+    from pipeline.autotune.plan import ScalingLaw, plan
+    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space
+
+    grids = _grid_runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), unique_tokens)
+    space = load_space(SPACES_DIR / "cpu.yaml")
+    model, each = _throughput(space, vocab)
+    cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+    smallest = min(cands, key=lambda c: c[2].model.d_model * 100 + c[2].model.n_layers)[0]
+    rows = []
+    for r_n in R_N:
+        law = ScalingLaw(r_star_params=r_n)
+        row = {"R_N*": "none (D′ only)" if r_n > 1e6 else r_n}
+        for minutes, runs in sorted(grids.items(), key=lambda kv: float(kv[0])):
+            good = total = 0
+            for (a, na, da, ba), (c, nc, dc, bc) in itertools.combinations(runs, 2):
+                if arm_name(a) == arm_name(c) or abs(ba - bc) <= CLOSE:  # seeds of one architecture
+                    continue
+                total += 1
+                good += (law.loss(na, da, unique_tokens) < law.loss(nc, dc, unique_tokens)) == (ba < bc)
+            row[f"pairs right at {minutes} min"] = f"{good}/{total}"
+        # the training time at which the plan stops choosing the smallest candidate
+        row["grows past the smallest at (training s)"] = next(
+            (s for s in range(300, 3600, 10)
+             if plan(cands, model, MemoryModel(), s, unique_tokens, law)[0].key != smallest), "> 3600")
+        # what each stored calibration's own model would choose: the same law under the noise of
+        # one calibration (autotune's full runs train ~525 s at 10 minutes, ~790 s at 15)
+        for minutes, seconds in ((10, 525), (15, 790)):
+            picks: dict = {}
+            for m in each:
+                c = plan(cands, m, MemoryModel(), seconds, unique_tokens, law)[0].candidate
+                name = f"d{c['n_heads'] * c['head_dim']}-L{c['n_layers']}"
+                picks[name] = picks.get(name, 0) + 1
+            row[f"choices at {minutes} min"] = ", ".join(f"{k} ×{v}" for k, v in
+                                                         sorted(picks.items(), key=lambda kv: -kv[1]))
+        rows.append(row)
+    best = {m: min(rs, key=lambda r: r[3])[0] for m, rs in grids.items()}
+    default = rows[0]
+    pairs = ", ".join(f"{v} pairs right at {k.split()[-2]} min" for k, v in default.items() if k.startswith("pairs"))
+    summary = (f"default law (R_N* 5.3): {pairs}; it keeps the smallest model to "
+               f"{default['grows past the smallest at (training s)']} s of training; the grid's best run: "
+               + ", ".join(f"{arm_name(b)[5:]} at {m} min" for m, b in sorted(best.items())))
+    return save("law_check", rows, summary, "the law ranks each budget's grid runs as they finished", None,
+                "python -m benchmarks run law_check")
+
+
+if __name__ == "__main__":
+    run()
