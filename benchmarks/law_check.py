@@ -23,7 +23,7 @@ R_N = [5.3, 10.0, 15.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
 
 
-def _grid_runs(arms: dict, unique_tokens: float) -> dict[str, list[tuple[str, float, float, float]]]:
+def _grid_runs(arms: dict) -> dict[str, list[tuple[str, float, float, float]]]:
     """{budget: [(arm, law params, tokens, bpb)]} for the grid arms that stored their tokens."""
     from model.config import ModelConfig, param_counts
 
@@ -58,14 +58,14 @@ def _throughput(space, vocab: int):
 
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     from pipeline.autotune.fit import MemoryModel
-    from pipeline.autotune.plan import ScalingLaw, plan
+    from pipeline.autotune.plan import ScalingLaw, law_params, plan
     from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space
 
-    grids = _grid_runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), unique_tokens)
+    grids = _grid_runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()))
     space = load_space(SPACES_DIR / "cpu.yaml")
     model, each = _throughput(space, vocab)
     cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
-    smallest = min(cands, key=lambda c: c[2].model.d_model * 100 + c[2].model.n_layers)[0]
+    smallest = min(cands, key=lambda c: law_params(c[2]))[0]
     rows = []
     for r_n in R_N:
         law = ScalingLaw(r_star_params=r_n)
