@@ -10,7 +10,7 @@ from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["speed_vs_hf", "micro_batch", "data", "generation", "predictor", "predictor_forms", "deadline", "plateau",
-         "law_check", "quality"]
+         "law_check", "law_fit", "quality"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "micro_batch": "Micro-batch on CPU (the CPU space's fixed choice)",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
@@ -19,17 +19,19 @@ TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "deadline": "Wall-clock adherence",
           "plateau": "Learning rate and the plateau exit (the CPU space's lr rule)",
           "law_check": "The planner's scaling law against the hand-grid runs",
+          "law_fit": "The scaling law refitted on this machine's runs, tested on a budget it did not see",
           "quality": "Autotune vs the predecessor's table (headline)"}
 
 
 def runners():
-    from benchmarks import (data_bench, deadline, generation, law_check, micro_batch, plateau, predictor,
-                            predictor_forms, quality, speed)
+    from benchmarks import (data_bench, deadline, generation, law_check, law_fit, micro_batch, plateau,
+                            predictor, predictor_forms, quality, speed)
 
     return {"speed_vs_hf": speed.run, "micro_batch": micro_batch.run, "data": data_bench.run,
             "generation": generation.run, "predictor": predictor.run,
             "predictor_forms": predictor_forms.run, "deadline": deadline.run,
-            "plateau": plateau.run, "law_check": law_check.run, "quality": quality.run}
+            "plateau": plateau.run, "law_check": law_check.run, "law_fit": law_fit.run,
+            "quality": quality.run}
 
 
 def _cell(v):

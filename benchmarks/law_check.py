@@ -1,12 +1,12 @@
 """Does the planner's scaling law rank the hand-grid runs the way they finished? (No training:
 a replay of stored results, seconds on any machine.)
 
-For every pair of grid runs at one budget (`benchmarks/results/quality-arms-cpu.json`, each with
-its parameters and the tokens it trained), the law predicts which of the two ends lower; a pair
+For every pair of grid or autotune runs at one budget (`benchmarks/results/quality-arms-cpu.json`,
+each with its parameters and the tokens it trained), the law predicts which of the two ends lower; a pair
 counts when the two are different architectures and differ by more than 0.004 bpb (under that,
 seeds decide). This is done
-for the default law and for weaker discounts of excess parameters (R_N*, Muennighoff et al.'s
-5.3 by default), together with the training time at which the planner, given the throughput model
+for the default law (R_N* = 16, our recalibration), Muennighoff et al.'s R_N* = 5.3 and other
+discounts of excess parameters, together with the training time at which the planner, given the throughput model
 fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the space's smallest
 model, and what each stored calibration's own model would make it choose at 10 and 15 minutes."""
 from __future__ import annotations
@@ -19,21 +19,32 @@ from benchmarks.common import RESULTS, save
 from benchmarks.predictor_forms import shape_of, stored_calibrations
 from benchmarks.quality import arm_name
 
-R_N = [5.3, 10.0, 15.0, 20.0, 30.0, 50.0, 1e9]
+R_N = [5.3, 10.0, 15.0, 16.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
 
 
-def _grid_runs(arms: dict) -> dict[str, list[tuple[str, float, float, float]]]:
-    """{budget: [(arm, law params, tokens, bpb)]} for the grid arms that stored their tokens."""
-    from model.config import ModelConfig, param_counts
+def model_of(r: dict, vocab: int = 4096):
+    """The ModelConfig an arm trained: autotune stores its candidate, the other arms the config."""
+    from model.config import ModelConfig
+    from pipeline.autotune.space import model_config
+
+    cfg = r.get("choice") or {}
+    return model_config(cfg, vocab) if "head_dim" in cfg else ModelConfig(**cfg)
+
+
+def _grid_runs(arms: dict) -> dict[str, list[tuple[str, float, float, float, str]]]:
+    """{budget: [(arm, law params, tokens, bpb, "d128-L2")]} for the grid and autotune arms that stored
+    their tokens (autotune's are runs of the space's own d64-L2 and the like)."""
+    from model.config import param_counts
 
     out = {}
     for minutes, done in arms.items():
         rows = []
         for arm, r in done.items():
-            if arm.startswith("grid:") and r.get("tokens"):
-                n = param_counts(ModelConfig(**r["choice"]))["active"]
-                rows.append((arm, float(n), float(r["tokens"]), r["bpb"]))
+            if arm_name(arm).startswith(("grid:", "autotune")) and r.get("tokens"):
+                cfg = model_of(r)
+                rows.append((arm, float(param_counts(cfg)["active"]), float(r["tokens"]), r["bpb"],
+                             f"d{cfg.d_model}-L{cfg.n_layers}"))
         if len(rows) >= 2:
             out[minutes] = rows
     return out
@@ -56,12 +67,31 @@ def _throughput(space, vocab: int):
     return pooled, each
 
 
+def _by_shape(runs) -> dict[str, float]:
+    """{"d128-L2": mean bpb} over a budget's runs of that width and depth."""
+    out: dict = {}
+    for *_, bpb, shape in runs:
+        out.setdefault(shape, []).append(bpb)
+    return {k: statistics.mean(v) for k, v in out.items()}
+
+
+def _cost(picks: dict[str, int], bpb: dict[str, float]) -> str:
+    """Mean bpb of the picks over the best measured, among the picks that were measured."""
+    known = [(bpb[k] / min(bpb.values()), n) for k, n in picks.items() if k in bpb]
+    if not known:
+        return "not measured"
+    mean = sum(r * n for r, n in known) / sum(n for _, n in known)
+    left = sum(picks.values()) - sum(n for _, n in known)
+    return f"{mean:.3f}×" + (f" ({left} unmeasured)" if left else "")
+
+
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, law_params, plan
     from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space
 
     grids = _grid_runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()))
+    measured = {m: _by_shape(rs) for m, rs in grids.items()}
     space = load_space(SPACES_DIR / "cpu.yaml")
     model, each = _throughput(space, vocab)
     cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
@@ -72,7 +102,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
         row = {"R_N*": "none (D′ only)" if r_n > 1e6 else r_n}
         for minutes, runs in sorted(grids.items(), key=lambda kv: float(kv[0])):
             good = total = 0
-            for (a, na, da, ba), (c, nc, dc, bc) in itertools.combinations(runs, 2):
+            for (a, na, da, ba, _), (c, nc, dc, bc, _) in itertools.combinations(runs, 2):
                 if arm_name(a) == arm_name(c) or abs(ba - bc) <= CLOSE:  # seeds of one architecture
                     continue
                 total += 1
@@ -84,7 +114,9 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
              if plan(cands, model, MemoryModel(), s, unique_tokens, law)[0].key != smallest), "> 3600")
         # what each stored calibration's own model would choose: the same law under the noise of
         # one calibration (autotune's full runs train ~525 s at 10 minutes, ~790 s at 15)
-        for minutes, seconds in ((10, 525), (15, 790)):
+        # and what those choices cost: the measured bpb of the chosen width and depth at that
+        # budget (mean of its grid and autotune runs) over the best measured there
+        for minutes, seconds in ((10, 525), (15, 790), (30, 1600)):
             picks: dict = {}
             for m in each:
                 c = plan(cands, m, MemoryModel(), seconds, unique_tokens, law)[0].candidate
@@ -92,14 +124,20 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
                 picks[name] = picks.get(name, 0) + 1
             row[f"choices at {minutes} min"] = ", ".join(f"{k} ×{v}" for k, v in
                                                          sorted(picks.items(), key=lambda kv: -kv[1]))
+            row[f"cost at {minutes} min"] = _cost(picks, measured.get(str(minutes), {}))
         rows.append(row)
-    best = {m: min(rs, key=lambda r: r[3])[0] for m, rs in grids.items()}
-    default = rows[0]
-    pairs = ", ".join(f"{v} pairs right at {k.split()[-2]} min" for k, v in default.items() if k.startswith("pairs"))
-    summary = (f"default law (R_N* 5.3): {pairs}; it keeps the smallest model to "
-               f"{default['grows past the smallest at (training s)']} s of training; the grid's best run: "
-               + ", ".join(f"{arm_name(b)[5:]} at {m} min" for m, b in sorted(best.items())))
-    return save("law_check", rows, summary, "the law ranks each budget's grid runs as they finished", None,
+    best = {m: min((r for r in rs if r[0].startswith("grid:")), key=lambda r: r[3])[0] for m, rs in grids.items()}
+    def said(row):
+        pairs = ", ".join(f"{v} at {k.split()[-2]} min" for k, v in row.items() if k.startswith("pairs"))
+        cost = ", ".join(f"{v} at {k.split()[-2]} min" for k, v in row.items() if k.startswith("cost"))
+        return (f"pairs right {pairs}; grows past the smallest at {row['grows past the smallest at (training s)']} s; "
+                f"its choices' measured bpb over the best: {cost}")
+
+    default = next(r for r in rows if r["R_N*"] == ScalingLaw().r_star_params)
+    summary = (f"default law (R_N* {default['R_N*']:g}): {said(default)}; the paper's R_N* 5.3: {said(rows[0])}; "
+               "the grid's best run: " + ", ".join(f"{arm_name(b)[5:]} at {m} min" for m, b in
+                                                   sorted(best.items(), key=lambda kv: float(kv[0]))))
+    return save("law_check", rows, summary, "the planner's choices cost ≤ 1.02× the best measured run", None,
                 "python -m benchmarks run law_check")
 
 

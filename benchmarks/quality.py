@@ -103,7 +103,8 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
         state = json.loads((tmp / "auto" / "pipeline.json").read_text())
-        return {"bpb": round(state["stages"]["train"]["val_bpb"], 4), "choice": state["stages"]["plan"]["chosen"],
+        return {"bpb": round(state["stages"]["train"]["val_bpb"], 4), "tokens": state["stages"]["train"]["tokens"],
+                "choice": state["stages"]["plan"]["chosen"],
                 "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4),
                 "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
     if arm == "table":
