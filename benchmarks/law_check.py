@@ -68,11 +68,13 @@ def _throughput(space, vocab: int):
 
 
 def _by_shape(runs) -> dict[str, float]:
-    """{"d128-L2": mean bpb} over a budget's runs of that width and depth."""
+    """{"d128-L2": mean bpb} over a budget's grid runs of that width and depth, or its autotune
+    runs where the grid has none (those trained ~90% of the budget: a slightly pessimistic
+    figure for that shape)."""
     out: dict = {}
-    for *_, bpb, shape in runs:
-        out.setdefault(shape, []).append(bpb)
-    return {k: statistics.mean(v) for k, v in out.items()}
+    for arm, *_, bpb, shape in runs:
+        out.setdefault(shape, {}).setdefault(arm.startswith("grid:"), []).append(bpb)
+    return {k: statistics.mean(v.get(True) or v[False]) for k, v in out.items()}
 
 
 def _cost(picks: dict[str, int], bpb: dict[str, float]) -> str:

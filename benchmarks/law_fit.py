@@ -26,6 +26,7 @@ from benchmarks.law_check import CLOSE, _throughput, model_of
 from benchmarks.quality import arm_name
 
 R_N = [5.3, 10.0, 20.0, 30.0, 50.0, 100.0, 1e9]
+PAPER = "paper's R_N* 5.3 pairs right"
 TRAIN_S = {"10": 525, "15": 790, "20": 1070, "30": 1600}  # autotune's full-run training time per budget
 
 
@@ -96,7 +97,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
 
     points = runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), vocab)
     budgets = sorted({p["budget"] for p in points}, key=float)
-    default = ScalingLaw()
+    default, paper = ScalingLaw(), ScalingLaw(r_star_params=5.3)
     rows = []
     for held in budgets:
         train = [p for p in points if p["budget"] != held]
@@ -105,10 +106,11 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
             continue
         law, rms, r_n = best_fit(train, unique_tokens)
         d_good, total = pairs_right(default, test, unique_tokens)
+        p_good, _ = pairs_right(paper, test, unique_tokens)
         r_good, _ = pairs_right(law, test, unique_tokens)
         rows.append({"held-out budget (min)": held, "fitted on (runs)": len(train), "refit R_N*": _r(r_n),
                      "refit rms (bpb)": round(rms, 4), "default law pairs right": f"{d_good}/{total}",
-                     "refit pairs right": f"{r_good}/{total}"})
+                     PAPER: f"{p_good}/{total}", "refit pairs right": f"{r_good}/{total}"})
     law, rms, r_n = best_fit(points, unique_tokens)
     space = load_space(SPACES_DIR / "cpu.yaml")
     pooled, _ = _throughput(space, vocab)
@@ -120,13 +122,15 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     all_row = {"held-out budget (min)": "none (all runs)", "fitted on (runs)": len(points), "refit R_N*": _r(r_n),
                "refit rms (bpb)": round(rms, 4),
                "default law pairs right": _sum(rows, "default law pairs right"),
+               PAPER: _sum(rows, PAPER),
                "refit pairs right": _sum(rows, "refit pairs right") + " (held out, summed)"}
     for minutes in TRAIN_S:
         all_row[f"choice at {minutes} min (default → refit)"] = f"{choice[('default', minutes)]} → {choice[('refit', minutes)]}"
     rows.append(all_row)
     summary = (f"refit on {len(points)} runs: E {law.E:.3f}, A {law.A:.2f}, B {law.B:.1f} (bpb), R_N* {_r(r_n)}, "
                f"rms {rms:.4f} bpb; held-out budgets: refit {all_row['refit pairs right'].split()[0]} pairs right, "
-               f"default {all_row['default law pairs right']}; planner's choice at 10/15/20/30 min: "
+               f"default (R_N* {default.r_star_params:g}) {all_row['default law pairs right']}, the paper's R_N* 5.3 "
+               f"{all_row[PAPER]}; planner's choice at 10/15/20/30 min: "
                + ", ".join(f"{choice[('default', m)]}→{choice[('refit', m)]}" for m in TRAIN_S))
     return save("law_fit", rows, summary, "a refit ranks a budget it did not see better than the default law",
                 None, "python -m benchmarks run law_fit")
