@@ -8,7 +8,8 @@ seeds decide). This is done
 for the default law (R_N* = 16, our recalibration), Muennighoff et al.'s R_N* = 5.3 and other
 discounts of excess parameters, together with the training time at which the planner, given the throughput model
 fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the space's smallest
-model, and what each stored calibration's own model would make it choose at 10 and 15 minutes."""
+model, what each stored calibration's own model would make it choose at 10, 15 and 30 minutes, and
+what those choices cost in measured bpb."""
 from __future__ import annotations
 
 import itertools
@@ -115,9 +116,9 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
             (s for s in range(300, 3600, 10)
              if plan(cands, model, MemoryModel(), s, unique_tokens, law)[0].key != smallest), "> 3600")
         # what each stored calibration's own model would choose: the same law under the noise of
-        # one calibration (autotune's full runs train ~525 s at 10 minutes, ~790 s at 15)
-        # and what those choices cost: the measured bpb of the chosen width and depth at that
-        # budget (mean of its grid and autotune runs) over the best measured there
+        # one calibration (autotune's full runs train ~525 s at 10 minutes, ~790 s at 15, ~1600 s
+        # at 30), and what those choices cost: the measured bpb of the chosen width and depth at
+        # that budget over the best measured there (`_by_shape`)
         for minutes, seconds in ((10, 525), (15, 790), (30, 1600)):
             picks: dict = {}
             for m in each:
