@@ -22,6 +22,7 @@ from benchmarks.quality import arm_name
 
 R_N = [5.3, 10.0, 15.0, 16.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
+TRAIN_S = {"10": 525, "15": 790, "20": 1070, "30": 1600}  # autotune's full-run training time per budget
 
 
 def model_of(r: dict, vocab: int = 4096):
@@ -33,7 +34,24 @@ def model_of(r: dict, vocab: int = 4096):
     return model_config(cfg, vocab) if "head_dim" in cfg else ModelConfig(**cfg)
 
 
-def _grid_runs(arms: dict) -> dict[str, list[tuple[str, float, float, float, str]]]:
+def shape_name(cfg) -> str:
+    """"d128-L2": width and depth, the two knobs the CPU space and the grid vary."""
+    return f"d{cfg.d_model}-L{cfg.n_layers}"
+
+
+def pairs_right(law, runs, unique: float) -> tuple[int, int]:
+    """(pairs the law orders as they finished, pairs counted) among runs (arm, params, tokens,
+    bpb, ...): two seeds of one arm, or two runs within CLOSE, are not counted."""
+    good = total = 0
+    for (a, na, da, ba, *_), (c, nc, dc, bc, *_) in itertools.combinations(runs, 2):
+        if arm_name(a) == arm_name(c) or abs(ba - bc) <= CLOSE:
+            continue
+        total += 1
+        good += (law.loss(na, da, unique) < law.loss(nc, dc, unique)) == (ba < bc)
+    return good, total
+
+
+def _runs(arms: dict) -> dict[str, list[tuple[str, float, float, float, str]]]:
     """{budget: [(arm, law params, tokens, bpb, "d128-L2")]} for the grid and autotune arms that stored
     their tokens (autotune's are runs of the space's own d64-L2 and the like)."""
     from model.config import param_counts
@@ -44,8 +62,7 @@ def _grid_runs(arms: dict) -> dict[str, list[tuple[str, float, float, float, str
         for arm, r in done.items():
             if arm_name(arm).startswith(("grid:", "autotune")) and r.get("tokens"):
                 cfg = model_of(r)
-                rows.append((arm, float(param_counts(cfg)["active"]), float(r["tokens"]), r["bpb"],
-                             f"d{cfg.d_model}-L{cfg.n_layers}"))
+                rows.append((arm, float(param_counts(cfg)["active"]), float(r["tokens"]), r["bpb"], shape_name(cfg)))
         if len(rows) >= 2:
             out[minutes] = rows
     return out
@@ -91,9 +108,9 @@ def _cost(picks: dict[str, int], bpb: dict[str, float]) -> str:
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, law_params, plan
-    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space
+    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
 
-    grids = _grid_runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()))
+    grids = _runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()))
     measured = {m: _by_shape(rs) for m, rs in grids.items()}
     space = load_space(SPACES_DIR / "cpu.yaml")
     model, each = _throughput(space, vocab)
@@ -104,12 +121,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
         law = ScalingLaw(r_star_params=r_n)
         row = {"R_N*": "none (D′ only)" if r_n > 1e6 else r_n}
         for minutes, runs in sorted(grids.items(), key=lambda kv: float(kv[0])):
-            good = total = 0
-            for (a, na, da, ba, _), (c, nc, dc, bc, _) in itertools.combinations(runs, 2):
-                if arm_name(a) == arm_name(c) or abs(ba - bc) <= CLOSE:  # seeds of one architecture
-                    continue
-                total += 1
-                good += (law.loss(na, da, unique_tokens) < law.loss(nc, dc, unique_tokens)) == (ba < bc)
+            good, total = pairs_right(law, runs, unique_tokens)
             row[f"pairs right at {minutes} min"] = f"{good}/{total}"
         # the training time at which the plan stops choosing the smallest candidate
         row["grows past the smallest at (training s)"] = next(
@@ -119,17 +131,18 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
         # one calibration (autotune's full runs train ~525 s at 10 minutes, ~790 s at 15, ~1600 s
         # at 30), and what those choices cost: the measured bpb of the chosen width and depth at
         # that budget over the best measured there (`_by_shape`)
-        for minutes, seconds in ((10, 525), (15, 790), (30, 1600)):
+        for minutes in ("10", "15", "30"):
             picks: dict = {}
             for m in each:
-                c = plan(cands, m, MemoryModel(), seconds, unique_tokens, law)[0].candidate
-                name = f"d{c['n_heads'] * c['head_dim']}-L{c['n_layers']}"
+                c = plan(cands, m, MemoryModel(), TRAIN_S[minutes], unique_tokens, law)[0].candidate
+                name = shape_name(model_config(c, vocab))
                 picks[name] = picks.get(name, 0) + 1
             row[f"choices at {minutes} min"] = ", ".join(f"{k} ×{v}" for k, v in
                                                          sorted(picks.items(), key=lambda kv: -kv[1]))
-            row[f"cost at {minutes} min"] = _cost(picks, measured.get(str(minutes), {}))
+            row[f"cost at {minutes} min"] = _cost(picks, measured.get(minutes, {}))
         rows.append(row)
     best = {m: min((r for r in rs if r[0].startswith("grid:")), key=lambda r: r[3])[0] for m, rs in grids.items()}
+
     def said(row):
         pairs = ", ".join(f"{v} at {k.split()[-2]} min" for k, v in row.items() if k.startswith("pairs"))
         cost = ", ".join(f"{v} at {k.split()[-2]} min" for k, v in row.items() if k.startswith("cost"))

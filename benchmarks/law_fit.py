@@ -3,31 +3,31 @@ budget it did not see. (No training: a replay of stored results, seconds on any 
 
 `law_check` showed that the published law (the Epoch AI refit of Chinchilla with Muennighoff et
 al.'s data-constrained discounts) ranks the 10-minute grid well and the longer ones badly; the
-planner now recalibrates one constant of it (R_N*). Here all its coefficients are refitted on every stored run that trained a known number of tokens
-(`benchmarks/results/quality-arms-cpu.json`: grid points, autotune runs, the predecessor's table; seeds of one
-architecture averaged): the exponents α, β and R_D* stay at their published values (a dozen
-noisy runs cannot pin an exponent), E, A and B are fitted by non-negative least squares in bpb
-(the law's scale does not change a ranking), and R_N* is chosen from a grid by the fit's
-residual. One-layer runs are left out: the CPU space no longer offers them (they cannot form
-induction heads, a loss the law does not see).
+planner now recalibrates one constant of it (R_N*). Here all its coefficients are refitted on
+every stored run that trained a known number of tokens (`benchmarks/results/quality-arms-cpu.json`:
+grid points, autotune runs, the predecessor's table; seeds of one architecture averaged): the
+exponents α, β and R_D* stay at their published values (a dozen noisy runs cannot pin an
+exponent), E, A and B are fitted by non-negative least squares in bpb (the law's scale does not
+change a ranking), and R_N* is chosen from a grid by the fit's residual. One-layer runs are left
+out: the CPU space no longer offers them (they cannot form induction heads, a loss the law does
+not see).
 
 The test is leave-one-budget-out: fit on the other budgets' runs, then count the held-out
 budget's grid and autotune pairs the refit orders as they finished, against the default law's
-(and the paper's R_N* = 5.3) count on the same pairs. Also reported: what the planner would choose at each budget's training time with the
-refit law and the throughput model pooled from all stored calibrations."""
+(and the paper's R_N* = 5.3) count on the same pairs. Also reported: what the planner would
+choose at each budget's training time with the refit law and the throughput model pooled from
+all stored calibrations."""
 from __future__ import annotations
 
-import itertools
 import json
 import statistics
 
 from benchmarks.common import RESULTS, save
-from benchmarks.law_check import CLOSE, _throughput, model_of
+from benchmarks.law_check import TRAIN_S, _throughput, model_of, pairs_right, shape_name
 from benchmarks.quality import arm_name
 
 R_N = [5.3, 10.0, 20.0, 30.0, 50.0, 100.0, 1e9]
 PAPER = "paper's R_N* 5.3 pairs right"
-TRAIN_S = {"10": 525, "15": 790, "20": 1070, "30": 1600}  # autotune's full-run training time per budget
 
 
 def runs(arms: dict, vocab: int = 4096) -> list[dict]:
@@ -37,12 +37,13 @@ def runs(arms: dict, vocab: int = 4096) -> list[dict]:
     points: dict = {}
     for minutes, done in arms.items():
         for arm, r in done.items():
-            if not r.get("tokens") or model_of(r, vocab).n_layers < 2:
+            cfg = model_of(r, vocab)
+            if not r.get("tokens") or cfg.n_layers < 2:
                 continue
             name = arm_name(arm)
             p = points.setdefault((minutes, name), {
                 "budget": minutes, "arm": name, "ranked": name.startswith(("grid:", "autotune")),
-                "n": float(param_counts(model_of(r, vocab))["active"]), "tokens": [], "bpb": []})
+                "n": float(param_counts(cfg)["active"]), "tokens": [], "bpb": []})
             p["tokens"].append(float(r["tokens"]))
             p["bpb"].append(float(r["bpb"]))
     return [p | {"tokens": statistics.mean(p["tokens"]), "bpb": statistics.mean(p["bpb"]), "seeds": len(p["bpb"])}
@@ -75,25 +76,16 @@ def best_fit(points, unique):
     return min((fit(points, unique, r) + (r,) for r in R_N), key=lambda t: t[1])
 
 
-def pairs_right(law, points, unique) -> tuple[int, int]:
-    good = total = 0
-    for p, q in itertools.combinations([p for p in points if p["ranked"]], 2):
-        if abs(p["bpb"] - q["bpb"]) <= CLOSE:
-            continue
-        total += 1
-        good += (law.loss(p["n"], p["tokens"], unique) < law.loss(q["n"], q["tokens"], unique)) == (p["bpb"] < q["bpb"])
-    return good, total
-
-
-def _name(c) -> str:
-    return f"d{c['n_heads'] * c['head_dim']}-L{c['n_layers']}"
+def ranked_pairs(law, points, unique) -> tuple[int, int]:
+    """`law_check.pairs_right` over the grid and autotune points (the table's is trivially last)."""
+    return pairs_right(law, [(p["arm"], p["n"], p["tokens"], p["bpb"]) for p in points if p["ranked"]], unique)
 
 
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     from benchmarks.predictor_forms import shape_of
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, plan
-    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space
+    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
 
     points = runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), vocab)
     budgets = sorted({p["budget"] for p in points}, key=float)
@@ -102,12 +94,12 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     for held in budgets:
         train = [p for p in points if p["budget"] != held]
         test = [p for p in points if p["budget"] == held]
-        if len(train) < 4 or pairs_right(default, test, unique_tokens)[1] == 0:
+        if len(train) < 4 or ranked_pairs(default, test, unique_tokens)[1] == 0:
             continue
         law, rms, r_n = best_fit(train, unique_tokens)
-        d_good, total = pairs_right(default, test, unique_tokens)
-        p_good, _ = pairs_right(paper, test, unique_tokens)
-        r_good, _ = pairs_right(law, test, unique_tokens)
+        d_good, total = ranked_pairs(default, test, unique_tokens)
+        p_good, _ = ranked_pairs(paper, test, unique_tokens)
+        r_good, _ = ranked_pairs(law, test, unique_tokens)
         rows.append({"held-out budget (min)": held, "fitted on (runs)": len(train), "refit R_N*": _r(r_n),
                      "refit rms (bpb)": round(rms, 4), "default law pairs right": f"{d_good}/{total}",
                      PAPER: f"{p_good}/{total}", "refit pairs right": f"{r_good}/{total}"})
@@ -118,14 +110,16 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     choice = {}
     for minutes, seconds in TRAIN_S.items():
         for tag, lw in (("default", default), ("refit", law)):
-            choice[(tag, minutes)] = _name(plan(cands, pooled, MemoryModel(), seconds, unique_tokens, lw)[0].candidate)
+            c = plan(cands, pooled, MemoryModel(), seconds, unique_tokens, lw)[0].candidate
+            choice[(tag, minutes)] = shape_name(model_config(c, vocab))
     all_row = {"held-out budget (min)": "none (all runs)", "fitted on (runs)": len(points), "refit R_N*": _r(r_n),
                "refit rms (bpb)": round(rms, 4),
                "default law pairs right": _sum(rows, "default law pairs right"),
                PAPER: _sum(rows, PAPER),
                "refit pairs right": _sum(rows, "refit pairs right") + " (held out, summed)"}
     for minutes in TRAIN_S:
-        all_row[f"choice at {minutes} min (default → refit)"] = f"{choice[('default', minutes)]} → {choice[('refit', minutes)]}"
+        all_row[f"choice at {minutes} min (default → refit)"] = \
+            f"{choice[('default', minutes)]} → {choice[('refit', minutes)]}"
     rows.append(all_row)
     summary = (f"refit on {len(points)} runs: E {law.E:.3f}, A {law.A:.2f}, B {law.B:.1f} (bpb), R_N* {_r(r_n)}, "
                f"rms {rms:.4f} bpb; held-out budgets: refit {all_row['refit pairs right'].split()[0]} pairs right, "
