@@ -1,6 +1,13 @@
 """Training tokens/s: our model vs transformers' LlamaForCausalLM of the same configuration, same
-AdamW, batch and precision, interleaved step by step, at three sizes."""
+AdamW, batch and precision, interleaved step by step, at three sizes.
+
+On CPU: fp32, the small sizes the CPU space trains. On a CUDA GPU: bf16 autocast for both
+models, sizes from 25M to 270M parameters at sequence 1024, and a synchronize at the end of each
+step so the timer sees the GPU's work, not the launch queue. Both models run eagerly (compiling
+only ours would not be the same configuration; the compiled figure is in `mfu`)."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -12,19 +19,28 @@ SIZES = {  # name: (d_model, layers, heads, kv heads, seq, micro-batch)
     "medium (d256 L6)": (256, 6, 8, 2, 256, 8),
     "large (d384 L8)": (384, 8, 6, 2, 256, 4),
 }
+GPU_SIZES = {
+    "small (d512 L8)": (512, 8, 8, 2, 1024, 16),
+    "medium (d768 L12)": (768, 12, 12, 4, 1024, 16),
+    "large (d1024 L24)": (1024, 24, 16, 4, 1024, 8),
+}
 
 
 def _step_fn(model, x, y, hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    cuda = x.device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
 
     def step():
-        if hf:
-            loss = model(input_ids=x, labels=x).loss  # HF shifts labels internally
-        else:
-            loss = model(x[:, :-1], x[:, 1:]).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            if hf:
+                loss = model(input_ids=x, labels=x).loss  # HF shifts labels internally
+            else:
+                loss = model(x[:, :-1], x[:, 1:]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
     return step
 
 
@@ -34,8 +50,10 @@ def run(rounds: int = 8):
     from model.hf import hf_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the engine sets it
     rows = []
-    for name, (d, L, h, kv, seq, mb) in SIZES.items():
+    for name, (d, L, h, kv, seq, mb) in (GPU_SIZES if device == "cuda" else SIZES).items():
         cfg = ModelConfig(vocab_size=4096, d_model=d, n_layers=L, n_heads=h, n_kv_heads=kv, max_seq_len=seq + 1)
         torch.manual_seed(0)
         ours = Transformer(cfg).to(device)
@@ -50,5 +68,8 @@ def run(rounds: int = 8):
                      "ratio": round(ours_tps / hf_tps, 3)})
     ratios = [r["ratio"] for r in rows]
     summary = "ours/HF training tokens/s: " + ", ".join(f"{r['size']} {r['ratio']:.2f}×" for r in rows)
+    if device == "cuda":  # the issue's goal is for CPU; on a GPU the figure is reported
+        return save("speed_vs_hf", rows, summary + " (bf16 autocast, eager)", "— (reported; ≥ 1.3× is CPU's goal)",
+                    None, "python -m benchmarks run speed_vs_hf")
     return save("speed_vs_hf", rows, summary, "≥ 1.3× on CPU", min(ratios) >= 1.3,
                 "python -m benchmarks run speed_vs_hf")
