@@ -13,12 +13,46 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _cpu_detail() -> str:
+    """The CPU's family/model and widest vector unit from /proc/cpuinfo: the model name alone
+    ("AMD EPYC") does not tell two generations apart, and session 9's machine (family 25,
+    model 17, AVX-512) trained the same model ~1.8x faster than sessions 1-8's."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    if "cpu family" not in fields:
+        return isa
+    return f"family {fields['cpu family']} model {fields.get('model', '?')}" + (f", {isa}" if isa else "")
+
+
 def machine() -> str:
     from pipeline.hardware import probe
 
     hw = probe()
-    return f"{hw.name}, {hw.ram_bytes / 2**30:.0f} GiB RAM" if hw.kind == "cpu" else \
-        f"{hw.name} ({hw.memory_bytes / 2**30:.0f} GiB), {hw.cpu_cores} CPU cores"
+    if hw.kind == "cpu":
+        detail = _cpu_detail()
+        return f"{hw.name}{f' [{detail}]' if detail else ''}, {hw.ram_bytes / 2**30:.0f} GiB RAM"
+    return f"{hw.name} ({hw.memory_bytes / 2**30:.0f} GiB), {hw.cpu_cores} CPU cores"
+
+
+def slug() -> str:
+    """The results-file suffix for this machine: `gpu`, or `cpu-f<family>m<model>-<cores>c`, so a
+    session on another CPU writes beside, never over, what a different CPU measured. (The
+    `-cpu.json` files are sessions 1-8's machine, from before the family was recorded.)"""
+    import re
+
+    from pipeline.hardware import probe
+
+    hw = probe()
+    if hw.kind != "cpu":
+        return "gpu"
+    m = re.match(r"family (\d+) model (\d+)", _cpu_detail())
+    return f"cpu-f{m[1]}m{m[2]}-{hw.cpu_cores}c" if m else f"cpu-{hw.cpu_cores}c"
 
 
 def commit() -> str:
@@ -29,15 +63,23 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def save(name: str, rows: list[dict], summary: str, goal: str, met: bool | None, command: str) -> dict:
+# Sessions 1-8's CPU: the replays of its stored runs (law_check, law_fit, predictor_forms) are
+# filed under it, whatever machine replays them.
+SESSIONS_1_8_CPU = ("cpu", "AMD EPYC (2 cores) [sessions 1–8; family not recorded], 24 GiB RAM")
+
+
+def save(name: str, rows: list[dict], summary: str, goal: str, met: bool | None, command: str,
+         on: tuple[str, str] | None = None) -> dict:
+    """Write `results/<name>-<slug>.json`; `on` = (slug, machine) files a replay of another
+    machine's stored runs under that machine."""
     import torch
 
-    result = {"name": name, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+    file_slug, machine_name = on or (slug(), machine())
+    result = {"name": name, "machine": machine_name, "date": time.strftime("%Y-%m-%d"),
               "commit": commit(), "torch": torch.__version__, "python": platform.python_version(),
               "command": command, "rows": rows, "summary": summary, "goal": goal, "met": met}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    device = "gpu" if "GPU" in result["machine"] or "NVIDIA" in result["machine"] else "cpu"
-    (RESULTS / f"{name}-{device}.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / f"{name}-{file_slug}.json").write_text(json.dumps(result, indent=2))
     print(f"{name}: {summary}")
     return result
 

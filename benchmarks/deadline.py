@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, commit, machine, save
+from benchmarks.common import RESULTS, commit, save, slug
 
 
 def _timed(cmd: list[str]) -> tuple[float, str]:
@@ -54,7 +54,7 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
                      "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}})
     stamp = {"date": time.strftime("%Y-%m-%d"), "commit": commit()}
     rows = [r | stamp for r in rows]
-    previous = RESULTS / f"deadline-{'gpu' if 'NVIDIA' in machine() else 'cpu'}.json"
+    previous = RESULTS / f"deadline-{slug()}.json"
     if previous.is_file():
         done = {r["command"] for r in rows}
         old = [r for r in json.loads(previous.read_text())["rows"] if r["command"] not in done]

@@ -16,7 +16,7 @@ import itertools
 import json
 import statistics
 
-from benchmarks.common import RESULTS, save
+from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 from benchmarks.predictor_forms import shape_of, stored_calibrations
 from benchmarks.quality import arm_name
 
@@ -154,7 +154,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
                "the grid's best run: " + ", ".join(f"{arm_name(b)[5:]} at {m} min" for m, b in
                                                    sorted(best.items(), key=lambda kv: float(kv[0]))))
     return save("law_check", rows, summary, "the planner's choices cost ≤ 1.02× the best measured run", None,
-                "python -m benchmarks run law_check")
+                "python -m benchmarks run law_check", on=SESSIONS_1_8_CPU)
 
 
 if __name__ == "__main__":

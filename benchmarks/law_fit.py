@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from benchmarks.common import RESULTS, save
+from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 from benchmarks.law_check import TRAIN_S, _throughput, model_of, pairs_right, shape_name
 from benchmarks.quality import arm_name
 
@@ -127,7 +127,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
                f"{all_row[PAPER]}; planner's choice at 10/15/20/30 min: "
                + ", ".join(f"{choice[('default', m)]}→{choice[('refit', m)]}" for m in TRAIN_S))
     return save("law_fit", rows, summary, "a refit ranks a budget it did not see better than the default law",
-                None, "python -m benchmarks run law_fit")
+                None, "python -m benchmarks run law_fit", on=SESSIONS_1_8_CPU)
 
 
 def _r(r_n: float):

@@ -15,7 +15,7 @@ import statistics
 import numpy as np
 from scipy.optimize import nnls
 
-from benchmarks.common import RESULTS, save
+from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 
 FORMS = [["mm"], ["mm", "step"], ["mm", "attn"], ["mm", "attn", "step"], ["mm", "narrow", "step"],
          ["mm", "narrow", "attn"], ["mm", "narrow", "attn", "step"], ["mm", "attn", "layer", "step"],
@@ -88,7 +88,7 @@ def run(vocab: int = 4096):
                f"error, best fixed form ({best['form']}) {best['median_error']:.1%}; two measurements of one "
                f"configuration differ by {floor:.1%} (median)")
     return save("predictor_forms", out, summary, "no form better than the product's by > 1 point",
-                best["median_error"] >= product["median_error"] - 0.01, "python -m benchmarks run predictor_forms")
+                best["median_error"] >= product["median_error"] - 0.01, "python -m benchmarks run predictor_forms", on=SESSIONS_1_8_CPU)
 
 
 if __name__ == "__main__":

@@ -119,13 +119,13 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
 
 
 ARMS = ["autotune", "table", "nanochat"] + [f"grid:{g}" for g in GRID]
-SCRATCH = RESULTS / "quality-arms-cpu.json"  # every arm's raw result, kept so arms can run one at a time
 
 
 def _arms_file():
-    from benchmarks.common import machine
+    """This machine's arms (`quality-arms-cpu.json`: sessions 1-8's CPU)."""
+    from benchmarks.common import slug
 
-    return SCRATCH if "NVIDIA" not in machine() else SCRATCH.with_name("quality-arms-gpu.json")
+    return RESULTS / f"quality-arms-{slug()}.json"
 
 
 def run(minutes=(10,), only: list[str] | None = None, seed: int = 0):
@@ -149,7 +149,8 @@ def run(minutes=(10,), only: list[str] | None = None, seed: int = 0):
     return summarise(minutes, arms_done)
 
 
-def summarise(minutes, arms_done: dict):
+def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
+    """The table for one machine's arms (`on`: another machine's, see `common.save`)."""
     rows = []
     for m in minutes:
         done = arms_done.get(str(m), {})
@@ -180,7 +181,7 @@ def summarise(minutes, arms_done: dict):
         f"{r['grid_best_bpb']} ({_x(r['autotune_over_grid_best'])}); vs nanochat heuristic "
         f"{r['nanochat_bpb']} ({_x(r['autotune_over_nanochat'])})" if r["grid_points"] else
         f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb (no other arm run)" for r in rows)
-    return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality")
+    return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality", on=on)
 
 
 def arm_name(key: str) -> str:

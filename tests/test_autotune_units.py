@@ -302,6 +302,12 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     assert skipped["status"] == "too_slow" and skipped["steps"] == 0 and "not run" in skipped["error"]
     assert time.monotonic() - started < measured["wall_s"]
     assert math.isfinite(skipped["objective"])            # Optuna still learns it is a bad region
+    # a step of 0.6 window even at the best rate: two steps (a reading) cannot fit, so not run either
+    other = {**cand, "n_layers": space.choices["n_layers"][1]}
+    cfg = to_run_config(other, space, tiny_data.vocab_size)
+    step_flops = cfg.train.batch_tokens * flops_per_token(cfg.model, cfg.train.seq_len)
+    rates.write_text(json.dumps({"flops_per_s": step_flops / (0.6 * ctx["window_s"])}) + "\n")
+    assert run_candidate(other, ctx)["steps"] == 0
 
 
 def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
