@@ -310,6 +310,45 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     assert run_candidate(other, ctx)["steps"] == 0
 
 
+def _ctx(space, data, trials_log):
+    return {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
+            "data_folder": str(data.folder), "window_s": 4.0, "max_steps": 3, "full_seconds": 600,
+            "unique_tokens": data.unique_train_tokens, "trials_log": str(trials_log)}
+
+
+def test_suggestions_that_need_no_trial_are_answered_in_the_driver_until_none_is_left(tiny_data, tmp_path):
+    import optuna
+    from ray.tune.search import Searcher
+
+    from pipeline.autotune.calibrate import OBJECTIVE, DeadlineOptunaSearch, DefineByRun
+    from pipeline.autotune.space import candidate_key, load_space
+
+    space = load_space(SPACES_DIR / "cpu-tiny.yaml")
+    trials_log = tmp_path / "trials.jsonl"
+    ctx = _ctx(space, tiny_data, trials_log)
+    cands = list(space.candidates())
+
+    def measured(cand, objective):
+        with trials_log.open("a") as fh:
+            fh.write(json.dumps({"key": candidate_key(cand), "flops_per_s": 1e12,
+                                 "metrics": {"status": "ok", OBJECTIVE: objective}}) + "\n")
+
+    def searcher():
+        return DeadlineOptunaSearch(DefineByRun(space.choices, ctx), metric=OBJECTIVE, mode="min",
+                                    sampler=optuna.samplers.TPESampler(seed=0), ctx=ctx)
+
+    measured(cands[0], 5.0)
+    s = searcher()
+    config = s.suggest("t0")                     # a repeat is told to Optuna, not sent to Tune
+    assert isinstance(config, dict) and {k: config[k] for k in space.choices} != cands[0]
+    for i, cand in enumerate(cands[1:]):
+        measured(cand, 6.0 + i)
+    s = searcher()
+    assert s.suggest("t1") == Searcher.FINISHED and s.exhausted   # everything measured: done early
+    told = [t for t in s._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(told) == s.EXHAUSTED and {t.value for t in told} <= {5.0 + i for i in range(len(cands))}
+
+
 def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
     from pipeline.autotune.plan import measured_instead
 

@@ -63,6 +63,26 @@ def test_time_schedule_reaches_zero_at_the_deadline_with_a_fake_clock(tiny_data)
     assert lrs == sorted(lrs[: lrs.index(peak) + 1]) + lrs[lrs.index(peak) + 1:]
 
 
+def test_a_trial_runs_past_its_window_for_a_reading_but_never_past_twice_it(tiny_data):
+    def trial(min_steps):
+        now = [0.0]
+
+        def tick(trainer, loss):  # every micro-step "takes" 1 second of fake time
+            now[0] += 1.0
+            return loss
+
+        res = make(tiny_data, Budget(seconds=10.0, clock=lambda: now[0]), trial=True, loss_hook=tick,
+                   min_steps=min_steps).run()
+        return res.steps, now[0]
+
+    base, t = trial(0)
+    assert base >= 1 and t <= 10.0                  # the window alone
+    more, t = trial(base + 2)
+    assert more == base + 2 and t > 10.0            # past it, for the steps a reading needs
+    capped, t = trial(1000)
+    assert more < capped < 1000 and t <= 20.0       # but never past twice the window
+
+
 def test_warmup_starts_at_the_first_step_not_at_process_start(tiny_data, tmp_path):
     # 30 s of start-up (imports, data, MLflow) are inside the deadline; the warmup (10% of the
     # training window) must still happen, or the first steps run at full rate from cold weights.

@@ -84,67 +84,104 @@ def _record(path: str | None, key: str, flops_per_s: float | None, metrics: dict
             fh.write(json.dumps({"key": key, "flops_per_s": flops_per_s, "metrics": metrics}) + "\n")
 
 
+# A reading is the median of the steady steps: two warm-up steps are dropped (allocation, compile)
+# and at least two must follow. A trial aims for three (TARGET_STEPS) and may run past its window,
+# up to twice it, to get them; one steady step read ±40% on 2 CPU cores (session 9).
+READING_STEPS = 4
+TARGET_STEPS = 5
+
+
+def _run_config(cand: dict, ctx: dict):
+    from pipeline.autotune.space import SearchSpace, to_run_config
+
+    meta = json.loads((Path(ctx["data_folder"]) / "meta.json").read_text())
+    return to_run_config(cand, SearchSpace(**ctx["space"]), meta["vocab_size"], seed=ctx.get("seed", 0))
+
+
+def _objective(cfg, tokens_per_s: float, ctx: dict) -> float:
+    """The loss the planner would predict for this configuration over the rest of the budget."""
+    from pipeline.autotune.fit import Shape
+    from pipeline.autotune.plan import ScalingLaw, law_params
+
+    law = ScalingLaw(**ctx.get("law", {}))
+    return law.loss(law_params(Shape.of(cfg)), tokens_per_s * ctx["full_seconds"], ctx["unique_tokens"])
+
+
+def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = None) -> dict | None:
+    """A trial's metrics when it need not run, else None: a repeat of a measured candidate gets
+    its stored metrics (`repeat` set); a candidate whose step would take more than half a window
+    even at the best FLOP rate seen so far gets `too_slow`, with that optimistic estimate as its
+    objective — within twice the window it could not complete the steps a reading needs."""
+    from model.config import flops_per_token
+    from pipeline.autotune.space import candidate_key
+
+    earlier = _earlier(ctx.get("trials_log")) if earlier is None else earlier
+    key = candidate_key(cand)
+    repeat = next((e["metrics"] for e in earlier if e.get("key") == key), None)
+    if repeat is not None:
+        return {**repeat, "repeat": 1.0}
+    rate = _best_rate(earlier)
+    if rate is None or _inject_oom(cand, ctx.get("inject_oom")):
+        return None
+    cfg = _run_config(cand, ctx)
+    flops = flops_per_token(cfg.model, cfg.train.seq_len)
+    step_s = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len) * flops / rate
+    # (Two windows until session 9: on 2 cores at a 10-minute budget, five of eighteen trials then
+    # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.)
+    if READING_STEPS * step_s <= 2 * ctx["window_s"]:
+        return None
+    return {"status": "too_slow", "tokens_per_s": rate / flops, "peak_memory_bytes": 0.0, "mfu": None,
+            OBJECTIVE: _objective(cfg, rate / flops, ctx), "compile_s": 0.0, "steps": 0,
+            "loss_first": None, "loss_last": None, "loss_trace": [],
+            "error": f"not run: one step would take ≥ {step_s:.1f}s"}
+
+
 def run_candidate(cand: dict, ctx: dict) -> dict:
     """Run one calibration trial in this process and return its metrics (no Ray needed)."""
     import torch
 
     from model.config import flops_per_token
-    from pipeline.autotune.plan import ScalingLaw, law_params
-    from pipeline.autotune.fit import Shape
-    from pipeline.autotune.space import SearchSpace, candidate_key, to_run_config
+    from pipeline.autotune.space import candidate_key
     from pipeline.data.cache import PreparedData
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
 
     started = time.monotonic()
-    earlier = _earlier(ctx.get("trials_log"))
-    key = candidate_key(cand)
-    repeat = next((e["metrics"] for e in earlier if e.get("key") == key), None)
-    if repeat is not None:
-        return {**repeat, "repeat": 1.0, "wall_s": time.monotonic() - started}
-    space = SearchSpace(**ctx["space"])
+    answer = answer_without_running(cand, ctx)
+    if answer is not None:
+        return {**answer, "wall_s": time.monotonic() - started}
     folder = Path(ctx["data_folder"])
     data = PreparedData(folder, json.loads((folder / "meta.json").read_text()))
-    cfg = to_run_config(cand, space, data.vocab_size, seed=ctx.get("seed", 0))
+    cfg = _run_config(cand, ctx)
     out = {"status": "ok", "tokens_per_s": 0.0, "peak_memory_bytes": 0.0, "mfu": None,
            OBJECTIVE: math.inf, "compile_s": 0.0, "steps": 0, "loss_first": None, "loss_last": None,
            "error": None, "loss_trace": []}
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
-    step_tokens = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len)
-    rate = _best_rate(earlier)
-    step_s = step_tokens * flops / rate if rate else 0.0  # optimistic: the best rate seen so far
-    # (Two windows until session 9: on 2 cores at a 10-minute budget, five of eighteen trials then
-    # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.)
-    if step_s > ctx["window_s"] / 2 and not _inject_oom(cand, ctx.get("inject_oom")):
-        out.update(status="too_slow", tokens_per_s=rate / flops,
-                   error=f"not run: one step would take ≥ {step_s:.1f}s")
-    else:
-        try:
-            if _inject_oom(cand, ctx.get("inject_oom")):
-                raise torch.OutOfMemoryError("injected out-of-memory (test)")
-            trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
-                              stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
-                              log=lambda *_: None)
-            res = trainer.run()
-            out.update(tokens_per_s=res.tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
-                       mfu=res.mfu, compile_s=res.compile_s, steps=res.steps,
-                       loss_trace=[list(p) for p in res.loss_trace[-50:]])
-            if res.loss_trace:
-                out.update(loss_first=res.loss_trace[0][1], loss_last=res.loss_trace[-1][1])
-            if res.steps < 2:
-                out["status"] = "too_slow"      # not even two steps in the window: no steady state
-            elif res.stopped == "diverged":
-                out["status"] = "diverged"
-        except (torch.OutOfMemoryError, MemoryError) as exc:
-            out.update(status="oom", error=str(exc)[:200])
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    try:
+        if _inject_oom(cand, ctx.get("inject_oom")):
+            raise torch.OutOfMemoryError("injected out-of-memory (test)")
+        trainer = Trainer(cfg, data, Budget(seconds=ctx["window_s"]), trial=True, progress=False,
+                          stop_after_steps=ctx.get("max_steps"), peak_flops=ctx.get("peak_flops"),
+                          log=lambda *_: None, min_steps=TARGET_STEPS)
+        res = trainer.run()
+        out.update(tokens_per_s=res.tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
+                   mfu=res.mfu, compile_s=res.compile_s, steps=res.steps,
+                   loss_trace=[list(p) for p in res.loss_trace[-50:]])
+        if res.loss_trace:
+            out.update(loss_first=res.loss_trace[0][1], loss_last=res.loss_trace[-1][1])
+        if res.steps < min(READING_STEPS, ctx.get("max_steps") or READING_STEPS):
+            out["status"] = "too_slow"      # too few steady steps in twice the window: no reading
+        elif res.stopped == "diverged":
+            out["status"] = "diverged"
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        out.update(status="oom", error=str(exc)[:200])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if out["status"] in ("ok", "too_slow") and out["tokens_per_s"] > 0:
-        law = ScalingLaw(**ctx.get("law", {}))
-        tokens = out["tokens_per_s"] * ctx["full_seconds"]
-        out[OBJECTIVE] = law.loss(law_params(Shape.of(cfg)), tokens, ctx["unique_tokens"])
+        out[OBJECTIVE] = _objective(cfg, out["tokens_per_s"], ctx)
     if out["steps"] > 0 or out["status"] == "oom":  # a measurement (not a skip): kept for repeats
-        _record(ctx.get("trials_log"), key, out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
+        _record(ctx.get("trials_log"), candidate_key(cand),
+                out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
     out["wall_s"] = time.monotonic() - started
     return out
 
@@ -232,14 +269,40 @@ class DefineByRun:
 class DeadlineOptunaSearch(OptunaSearch):
     """OptunaSearch that stops *suggesting* at the calibration deadline: trials already running
     finish their (short, bounded) window instead of being killed, so even a small calibration
-    budget yields complete measurements."""
+    budget yields complete measurements.
+
+    It also answers, in the driver, the suggestions that need no trial (`answer_without_running`:
+    TPE's repeats of a measured candidate, candidates too slow to read): Optuna is told their
+    objective at once and asked again. Sent through Tune, each cost a trial's round trip
+    (~0.2 s on 2 CPU cores): a 10-minute calibration spent 28 of its 58 s on ~70 repeats and
+    ~50 skips (session 9). When `EXHAUSTED` suggestions in a row need no trial, nothing in the
+    space is left worth measuring and calibration ends, leaving its time to the full run."""
 
     deadline = float("inf")
+    EXHAUSTED = 50
+
+    def __init__(self, *args, ctx: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ctx, self.skipped, self.exhausted = ctx, {}, False
 
     def suggest(self, trial_id):
-        if time.time() >= self.deadline:
-            return Searcher.FINISHED
-        return super().suggest(trial_id)
+        from pipeline.autotune.space import candidate_key
+
+        for _ in range(self.EXHAUSTED):
+            if time.time() >= self.deadline:
+                return Searcher.FINISHED
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict) or self.ctx is None:
+                return config
+            cand = {k: config[k] for k in self.ctx["space"]["choices"]}
+            answer = answer_without_running(cand, self.ctx)
+            if answer is None:
+                return config
+            self._ot_study.tell(self._ot_trials.pop(trial_id), answer[OBJECTIVE])
+            if not answer.get("repeat"):
+                self.skipped.setdefault(candidate_key(cand), (cand, answer))
+        self.exhausted = True
+        return Searcher.FINISHED
 
 
 def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, seed: int,
@@ -255,12 +318,12 @@ def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, 
     define = DefineByRun(choices, ctx)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     searcher = DeadlineOptunaSearch(define, metric=OBJECTIVE, mode="min",
-                            sampler=optuna.samplers.TPESampler(seed=seed),
-                            storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),
-                            study_name=study_name, points_to_evaluate=points or None)
-    # The last trial suggested runs up to one window past the deadline: stop suggesting that
-    # much earlier, so calibration keeps to its share of the budget.
-    searcher.deadline = time.time() + max(1.0, seconds - ctx["window_s"])
+                                    sampler=optuna.samplers.TPESampler(seed=seed),
+                                    storage=optuna.storages.RDBStorage(f"sqlite:///{storage.resolve()}"),
+                                    study_name=study_name, points_to_evaluate=points or None, ctx=ctx)
+    # The last trial suggested runs one window past the deadline (up to two, if it needs them for
+    # a reading): stop suggesting that much earlier, so calibration keeps to its share of the budget.
+    searcher.deadline = time.time() + max(1.0, seconds - 1.5 * ctx["window_s"])
     resources, concurrent = trial_resources(ray)
     tuner = tune.Tuner(
         tune.with_resources(trial_fn, resources),
@@ -271,7 +334,13 @@ def calibrate(space, ctx: dict, seconds: float, storage: Path, study_name: str, 
         run_config=tune.RunConfig(name=study_name, storage_path=str(storage.parent.resolve() / "ray"),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    return _records(grid, choices)
+    if searcher.exhausted:
+        log(f"calibration ended early: the last {searcher.EXHAUSTED} suggestions were all measured "
+            f"or too slow to read")
+    fields = TrialRecord.__dataclass_fields__
+    skipped = [TrialRecord(key=key, candidate=cand, **{k: v for k, v in answer.items() if k in fields})
+               for key, (cand, answer) in searcher.skipped.items()]
+    return _records(grid, choices) + skipped
 
 
 def measure(cands: list[dict], ctx: dict, space, storage: Path, name: str) -> list[TrialRecord]:
