@@ -176,10 +176,10 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
     ok = bool(compared) and all(r["autotune_over_table"] is not None and r["autotune_over_table"] <= 0.90
                                 and r["autotune_over_grid_best"] <= 1.02 for r in compared)
     summary = "; ".join(
-        f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb; vs table {r['table_bpb']} "
-        f"({_x(r['autotune_over_table'])}); vs best of {r['grid_points']}-point grid {r['grid_best']} "
+        f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb; vs table {_vs(r, 'table')}; "
+        f"vs best of {r['grid_points']}-point grid {r['grid_best']} "
         f"{r['grid_best_bpb']} ({_x(r['autotune_over_grid_best'])}); vs nanochat heuristic "
-        f"{r['nanochat_bpb']} ({_x(r['autotune_over_nanochat'])})" if r["grid_points"] else
+        f"{_vs(r, 'nanochat')}" if r["grid_points"] else
         f"{r['budget_min']} min: autotune {r['autotune_bpb']} bpb (no other arm run)" for r in rows)
     return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality", on=on)
 
@@ -195,6 +195,11 @@ def arm_means(done: dict) -> tuple[dict, dict]:
     for key, r in done.items():
         seeds.setdefault(arm_name(key), []).append(r["bpb"])
     return {a: round(sum(v) / len(v), 4) for a, v in seeds.items()}, seeds
+
+
+def _vs(row: dict, arm: str) -> str:
+    bpb = row[f"{arm}_bpb"]
+    return f"{bpb} ({_x(row[f'autotune_over_{arm}'])})" if bpb is not None else "not run on this machine"
 
 
 def _x(ratio):
