@@ -13,46 +13,42 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def _cpu_detail() -> str:
-    """The CPU's family/model and widest vector unit from /proc/cpuinfo: the model name alone
-    ("AMD EPYC") does not tell two generations apart, and session 9's machine (family 25,
-    model 17, AVX-512) trained the same model ~1.8x faster than sessions 1-8's."""
+def _cpu_id() -> tuple[str | None, str | None, str]:
+    """(family, model, widest vector unit) from /proc/cpuinfo: the model name alone ("AMD EPYC")
+    does not tell two generations apart, and session 9's machine (family 25, model 17, AVX-512)
+    trained the same model ~1.8x faster than sessions 1-8's."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        return ""
-    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+        return None, None, ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
     flags = fields.get("flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    if "cpu family" not in fields:
-        return isa
-    return f"family {fields['cpu family']} model {fields.get('model', '?')}" + (f", {isa}" if isa else "")
+    return fields.get("cpu family"), fields.get("model"), isa
 
 
 def machine() -> str:
     from pipeline.hardware import probe
 
     hw = probe()
-    if hw.kind == "cpu":
-        detail = _cpu_detail()
-        return f"{hw.name}{f' [{detail}]' if detail else ''}, {hw.ram_bytes / 2**30:.0f} GiB RAM"
-    return f"{hw.name} ({hw.memory_bytes / 2**30:.0f} GiB), {hw.cpu_cores} CPU cores"
+    if hw.kind != "cpu":
+        return f"{hw.name} ({hw.memory_bytes / 2**30:.0f} GiB), {hw.cpu_cores} CPU cores"
+    family, model, isa = _cpu_id()
+    detail = ", ".join(([f"family {family} model {model}"] if family else []) + ([isa] if isa else []))
+    return f"{hw.name}{f' [{detail}]' if detail else ''}, {hw.ram_bytes / 2**30:.0f} GiB RAM"
 
 
 def slug() -> str:
     """The results-file suffix for this machine: `gpu`, or `cpu-f<family>m<model>-<cores>c`, so a
     session on another CPU writes beside, never over, what a different CPU measured. (The
     `-cpu.json` files are sessions 1-8's machine, from before the family was recorded.)"""
-    import re
-
     from pipeline.hardware import probe
 
     hw = probe()
     if hw.kind != "cpu":
         return "gpu"
-    m = re.match(r"family (\d+) model (\d+)", _cpu_detail())
-    return f"cpu-f{m[1]}m{m[2]}-{hw.cpu_cores}c" if m else f"cpu-{hw.cpu_cores}c"
+    family, model, _ = _cpu_id()
+    return f"cpu-f{family}m{model}-{hw.cpu_cores}c" if family else f"cpu-{hw.cpu_cores}c"
 
 
 def commit() -> str:

@@ -11,13 +11,13 @@ using every core of a CPU node, because concurrent trials would distort each oth
 
 A trial cannot stop in the middle of an optimizer step, so a candidate whose single step takes
 longer than the window would spend the calibration budget on one number. Every measured trial
-appends its result and effective FLOP rate to a log beside the study; a later trial whose step
-would take more than half a window even at the best rate seen so far is not run ("too_slow",
-with that optimistic estimate as its objective): it could not complete the two steps a reading
-needs, and a one-step trial is spent time that gives the planner nothing. Seeds start with the smallest candidate, so
-the rate is known early. The same log makes repeats free: TPE over categorical knobs often
-suggests a configuration again, and a repeat returns the stored measurement at once (Optuna
-still sees its objective) instead of spending another window on a number it already has.
+appends its result and effective FLOP rate to a log beside the study; a later candidate whose
+step would take more than half a window even at the best rate seen so far is not run
+("too_slow", with that optimistic estimate as its objective): within twice the window it could
+not complete the four steps a reading needs. Seeds start with the smallest candidate, so the
+rate is known early. The same log makes repeats free: TPE over categorical knobs often suggests
+a configuration again, and a repeat gets the stored measurement (Optuna still sees its
+objective). Both answers are given in the driver, without a Tune trial (`DeadlineOptunaSearch`).
 """
 from __future__ import annotations
 
@@ -91,11 +91,15 @@ READING_STEPS = 4
 TARGET_STEPS = 5
 
 
-def _run_config(cand: dict, ctx: dict):
+def _data_meta(ctx: dict) -> dict:
+    return json.loads((Path(ctx["data_folder"]) / "meta.json").read_text())
+
+
+def _run_config(cand: dict, ctx: dict, vocab_size: int | None = None):
     from pipeline.autotune.space import SearchSpace, to_run_config
 
-    meta = json.loads((Path(ctx["data_folder"]) / "meta.json").read_text())
-    return to_run_config(cand, SearchSpace(**ctx["space"]), meta["vocab_size"], seed=ctx.get("seed", 0))
+    vocab_size = vocab_size or _data_meta(ctx)["vocab_size"]
+    return to_run_config(cand, SearchSpace(**ctx["space"]), vocab_size, seed=ctx.get("seed", 0))
 
 
 def _objective(cfg, tokens_per_s: float, ctx: dict) -> float:
@@ -150,9 +154,8 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     answer = answer_without_running(cand, ctx)
     if answer is not None:
         return {**answer, "wall_s": time.monotonic() - started}
-    folder = Path(ctx["data_folder"])
-    data = PreparedData(folder, json.loads((folder / "meta.json").read_text()))
-    cfg = _run_config(cand, ctx)
+    data = PreparedData(Path(ctx["data_folder"]), _data_meta(ctx))
+    cfg = _run_config(cand, ctx, data.vocab_size)
     out = {"status": "ok", "tokens_per_s": 0.0, "peak_memory_bytes": 0.0, "mfu": None,
            OBJECTIVE: math.inf, "compile_s": 0.0, "steps": 0, "loss_first": None, "loss_last": None,
            "error": None, "loss_trace": []}
