@@ -1,4 +1,5 @@
 """The training engine: learning, the deadline-tied schedule, checkpoints, resume, failures."""
+import math
 import os
 import signal
 import subprocess
@@ -150,6 +151,25 @@ def test_injected_nan_rolls_back_and_halves_lr(tiny_data, tmp_path):
     assert res.nan_rollbacks == 1 and t.lr_scale == 0.5
     assert any("rolled back" in n for n in notes)
     assert res.stopped == "tokens" and torch.isfinite(torch.tensor(res.final_val_loss))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the on-device skip is the CUDA fused-AdamW path")
+def test_gpu_step_skips_a_nonfinite_update_on_the_device(tiny_data):
+    poisoned = {"on": True}
+    t = make(tiny_data, Budget(tokens=10 * 1024),
+             loss_hook=lambda tr, loss: loss * float("nan") if poisoned["on"] else loss)
+    assert t.device_skip
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    loss, _ = t.train_step(1e-3)
+    assert not math.isfinite(loss)
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert all(int(s["step"]) == 0 for s in t.optimizer.state.values())
+    poisoned["on"] = False
+    loss, norm = t.train_step(1e-3)
+    assert math.isfinite(loss) and math.isfinite(norm)
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert all(int(s["step"]) == 1 for s in t.optimizer.state.values())
+    t.loader.close()
 
 
 def test_repeated_nan_ends_the_run_clearly(tiny_data, tmp_path):
