@@ -37,7 +37,7 @@ stages="${*:-tests mfu profile speed_vs_hf}"
 for s in $stages; do
   case $s in
     tests) stage 90 tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py -k "gpu or nan" -rs ;;
-    mfu) stage 300 mfu "$PY" -m benchmarks run mfu ;;
+    mfu) stage "${MFU_LIMIT:-300}" mfu "$PY" -m benchmarks run mfu ;;
     profile) stage 80 "mfu profile" "$PY" -m benchmarks.mfu --profile "$OUT/profile" ;;
     speed_vs_hf) stage 110 speed_vs_hf "$PY" -m benchmarks run speed_vs_hf ;;
     *) echo "unknown stage $s (tests, mfu, profile, speed_vs_hf)"; status=1 ;;

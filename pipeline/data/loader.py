@@ -113,7 +113,9 @@ class BatchLoader:
 
 def _window(tokens: np.ndarray, mask: np.ndarray | None, idx: np.ndarray):
     window = torch.from_numpy(tokens[idx].astype(np.int64))
-    x, y = window[:, :-1], window[:, 1:].clone()
+    # Both contiguous: a strided view, pinned, still went to the GPU through a pageable staging
+    # copy, which blocked the host until the optimizer's kernels ahead of it had finished.
+    x, y = window[:, :-1].contiguous(), window[:, 1:].clone()
     if mask is not None:
         y[torch.from_numpy(mask[idx][:, 1:] == 0)] = -100  # cross_entropy's ignore_index
     return x, y
