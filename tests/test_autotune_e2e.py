@@ -100,3 +100,26 @@ def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home, ra
                           "--prompt", "The history of", "--max-new-tokens", "8", "--seed", "1"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0 and gen.stdout.startswith("The history of")
+
+
+def test_plan_only_on_a_lone_cpu_measures_the_finalists_within_the_calibration_share(tmp_path, isolated_home):
+    """No cluster: calibration starts its own Ray, and the plan's leaders are then measured head
+    to head in this process, inside calibration's 10% of the budget."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "160", "RAY_AUTH_MODE": "disabled"}
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", "3", "--space", "cpu-tiny",
+                          "--plan-only", "--vocab-size", "512", "--max-tokens", "200000", "--out", str(run_dir)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "head to head" in out.stderr
+    plan = json.loads((run_dir / "plan.json").read_text())
+    finals = plan["finalists"]
+    assert len(finals) >= 2 and all(f["head_to_head_tokens_per_s"] > 0 for f in finals)
+    # the planned rates keep the model's level and take the measured ratios
+    a, b = finals[0], finals[1]
+    assert a["planned"] / b["planned"] == pytest.approx(
+        a["head_to_head_tokens_per_s"] / b["head_to_head_tokens_per_s"], rel=1e-6)
+    assert plan["chosen"]["key"] in {f["key"] for f in finals}
+    timings = json.loads((run_dir / "pipeline.json").read_text())["timings"]
+    # calibration and planning (Ray's start included) stay near the 10% share (18 s of 180)
+    assert timings["calibrate"] + timings["plan"] <= 0.12 * 180, timings

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from model.config import ConfigError, ModelConfig, flops_per_token
 from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
@@ -364,6 +365,56 @@ def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
     # measuring costs most of the budget: the measured runner-up wins without it
     after = plan(cands, rate, NoMemory(), 60, 1e12, measured=measured)
     assert measured_instead(rows, after).key == runner_up.key
+
+
+def test_finalists_are_the_two_leaders_and_any_other_within_the_margin():
+    from pipeline.autotune.finalists import contenders
+
+    law = ScalingLaw()
+    rows = plan(grid_shapes(), FlopRate(1e12), NoMemory(), 600, 1e12)
+    finals = contenders(rows, law.E, margin=0.0)
+    assert [r.key for r in finals] == [r.key for r in rows[:2]]  # the runner-up always
+    wide = contenders(rows, law.E, margin=10.0)
+    assert len(wide) == 3 and [r.key for r in wide] == [r.key for r in rows[:3]]
+    third = (rows[2].predicted_loss - law.E) / (rows[0].predicted_loss - law.E) - 1
+    assert len(contenders(rows, law.E, margin=0.99 * third)) == 2
+    assert len(contenders(rows, law.E, margin=1.01 * third)) == 3
+
+
+def test_head_to_head_ratios_replace_the_models_but_its_level_stays():
+    from pipeline.autotune.finalists import rescaled
+
+    predicted = {"a": 20_000.0, "b": 10_000.0}
+    # the model said 2.0x; head to head (faster machine, outside Ray) they ran 30k and 20k: 1.5x
+    out = rescaled(predicted, {"a": 30_000.0, "b": 20_000.0})
+    assert out["a"] / out["b"] == pytest.approx(1.5)
+    assert math.sqrt(out["a"] * out["b"]) == pytest.approx(math.sqrt(20_000 * 10_000))
+    # a finalist that could not run is never chosen; the others keep the model's level
+    out = rescaled(predicted, {"a": 30_000.0, "b": 0.0})
+    assert out == {"a": pytest.approx(20_000.0), "b": 1e-9}
+
+
+def test_interleaved_rates_rank_finalists_and_rule_out_a_failing_one(tiny_data, monkeypatch):
+    from conftest import tiny_run_config
+    from pipeline.autotune.finalists import interleaved_rates
+    from pipeline.train.engine import Trainer
+
+    small, big = tiny_run_config(), tiny_run_config()
+    big.model = ModelConfig(vocab_size=512, d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    rates = interleaved_rates({"small": small, "big": big}, tiny_data, 1.0, log=lambda *_: None)
+    assert rates["small"] > 1.5 * rates["big"] > 0
+
+    failing = Trainer.train_step
+
+    def oom_for_big(self, lr):
+        if self.cfg.model.n_layers == 6:
+            raise torch.OutOfMemoryError("injected")
+        return failing(self, lr)
+
+    monkeypatch.setattr(Trainer, "train_step", oom_for_big)
+    notes = []
+    rates = interleaved_rates({"small": small, "big": big}, tiny_data, 0.5, log=notes.append)
+    assert rates["big"] == 0.0 and rates["small"] > 0 and any("big failed" in n for n in notes)
 
 
 @pytest.mark.parametrize("args, message", [(["--hours", "0"], "must be > 0"),

@@ -221,6 +221,7 @@ def calibration_share(budget_s: float) -> float:
 
 def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.finalists import finalist_seconds
     from pipeline.autotune.report import plan_table, plan_text, short
 
     share = calibration_share(pipe.budget_s)
@@ -235,9 +236,12 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     # Ray is needed for measuring; a resumed run whose plan is already made skips starting it.
     need_ray = not pipe.done("plan")
     session = cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) if need_ray else contextlib.nullcontext()
+    # On a lone CPU the plan's leaders are measured head to head at the end (`finalists`):
+    # their time comes out of the calibration share.
+    finals_s = finalist_seconds(calib_s) if head_to_head(hw, args) else 0.0
     with session:
-        records = calibrate_stage(pipe, args, space, ctx, calib_s, exp, parent)
-        planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent)
+        records = calibrate_stage(pipe, args, space, ctx, calib_s - finals_s, exp, parent)
+        planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent, finals_s)
     # Ray is shut down here: the full run gets every core and all the memory.
     best, rows = planned.best, planned.rows
     console.print(plan_table(rows))
@@ -250,6 +254,13 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
                             "predicted_tokens_per_s": best.tokens_per_s}, step=0)
         pipe.finish("plan", {"chosen": best.candidate, "key": best.key, "parallel": best.parallel})
     return planned
+
+
+def head_to_head(hw, args) -> bool:
+    """Whether the finalists are measured against each other in this process: on a CPU, where
+    trial readings drift ±15-20%, and only where this process is the machine that will train
+    (no cluster, one worker)."""
+    return hw.kind == "cpu" and not args.address and (args.workers or 1) == 1
 
 
 def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp: str, parent) -> list:
@@ -277,11 +288,14 @@ def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp:
     return records
 
 
-def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent) -> Plan:
+def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent,
+                   finals_s: float = 0.0) -> Plan:
     from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.finalists import contenders, interleaved_rates, rescaled
     from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
                                        median_and_max)
-    from pipeline.autotune.plan import law_params, measured_instead, memory_ceiling, plan, planning_rates, why
+    from pipeline.autotune.plan import (ScalingLaw, law_params, measured_instead, memory_ceiling, plan,
+                                        planning_rates, why)
     from pipeline.autotune.report import short
     from pipeline.autotune.space import candidate_key, to_run_config
 
@@ -311,8 +325,10 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
     shapes_by_key = {r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in cands}
 
+    finalist_rates: dict[str, float] = {}  # head-to-head rates, which outrank every other reading
+
     def rates_for_measured():  # the model's rate (a candidate's own reading only if it shows a cliff)
-        return planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings})
+        return planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings}) | finalist_rates
 
     measured = rates_for_measured()
     # registration (log + validate-load the pyfunc: 1.4-1.8 s on 2 CPU cores for sub-1M-parameter
@@ -331,6 +347,22 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                         f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
                         f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
     best = rows[0]
+    finals = contenders(rows, ScalingLaw().E) if finals_s > 0 and not pipe.done("plan") else []
+    if len(finals) >= 2:
+        log(f"[bold]finalists[/], {finals_s:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
+        rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
+                                   for r in finals}, data, finals_s, log)
+        finalist_rates = rescaled({r.key: r.tokens_per_s for r in finals}, rates)
+        for r in finals:
+            log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
+                f"{r.tokens_per_s:,.0f} → {finalist_rates[r.key]:,.0f}")
+        pipe.state["finalists"] = [{"key": r.key, "head_to_head_tokens_per_s": rates[r.key],
+                                    "planned_before": r.tokens_per_s, "planned": finalist_rates[r.key]}
+                                   for r in finals]
+        measured = rates_for_measured()
+        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                    measured=measured)
+        best = rows[0]
     # The launch decision rests on a measurement, not only on the model: an unmeasured choice is
     # measured once, the model refitted with that point and the plan redone (a reading far below
     # the model, or a failed one, rules the choice out).
@@ -392,7 +424,8 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                    reg_reserve=reg_reserve, fit_points=list(zip(tps, loo_pred)))
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
                "throughput_model": tput.to_dict(), "memory_model": mem.to_dict(),
-               "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps}
+               "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps,
+               "finalists": pipe.state.get("finalists", [])}
     (pipe.run_dir / "plan.json").write_text(json.dumps(payload, indent=2, default=str))
     return planned
 

@@ -1,0 +1,93 @@
+"""The finalists: the plan's leading candidates measured against each other, step by step.
+
+On a CPU a calibration trial's few-second window reads a candidate's speed ±15-20%: the machine
+itself drifts over seconds (a 2-core VM's steps of one model, back to back, ran 17-33k tokens/s,
+in runs of fast and slow steps; session 10). Candidates measured in different trials are compared
+across that drift, and at a 10-minute budget the plan's top two were within 0.3% of predicted
+loss, well inside what that noise moves. So the finalists run interleaved in one process, one
+optimizer step of each in turn (A B C, C B A, ...), with the training engine's own step: both see
+the same machine, and the ratio of their median step times is what the comparison needs.
+
+Only the ratios are used. The level stays the throughput model's (fitted on every trial), so a
+finalist is not favoured over the rest of the plan for being measured outside Ray, where the same
+shapes run faster than in Ray trials.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable
+
+MARGIN = 0.02   # contenders: reducible predicted loss within 2% of the best (about what ±10%
+#                 throughput moves it at these budgets: L - E's data term scales as D^-0.37)
+MAX_FINALISTS = 3
+WARMUP_STEPS = 2
+
+
+def finalist_seconds(calibration_s: float) -> float:
+    """The part of the calibration share the finalists get (the search gets the rest)."""
+    return min(60.0, 0.25 * calibration_s)
+
+
+def contenders(rows: list, law_e: float, margin: float = MARGIN, limit: int = MAX_FINALISTS) -> list:
+    """The feasible rows worth a head-to-head: the best, the runner-up (always), and any other
+    whose reducible predicted loss (L - E) is within `margin` of the best's."""
+    feasible = [r for r in rows if r.feasible and math.isfinite(r.predicted_loss)]
+    if len(feasible) < 2:
+        return feasible
+    best = feasible[0].predicted_loss - law_e
+    close = [r for r in feasible[2:] if (r.predicted_loss - law_e) <= (1 + margin) * best]
+    return (feasible[:2] + close)[:limit]
+
+
+def rescaled(predicted: dict[str, float], measured: dict[str, float]) -> dict[str, float]:
+    """The finalists' planning rates: the model's geometric-mean level, shared out in the
+    measured ratios. A finalist that could not run (rate 0) is never chosen (1e-9)."""
+    ok = {k: v for k, v in measured.items() if v > 0}
+    out = {k: 1e-9 for k in measured if k not in ok}
+    if not ok:
+        return out
+    level = math.exp(statistics.fmean(math.log(predicted[k]) for k in ok))
+    mean = math.exp(statistics.fmean(math.log(v) for v in ok.values()))
+    return out | {k: level * v / mean for k, v in ok.items()}
+
+
+def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], None] = print,
+                      clock: Callable[[], float] = time.monotonic) -> dict[str, float]:
+    """Tokens/s of each RunConfig in `configs` (key → config), measured by interleaving their
+    optimizer steps for `seconds`. A config that fails to build or step (out of memory) gets 0."""
+    from pipeline.train.engine import Trainer
+    from pipeline.train.schedule import Budget
+
+    trainers, times = {}, {}
+    for key, cfg in configs.items():
+        try:
+            trainers[key] = Trainer(cfg, data, Budget(seconds=seconds), trial=True, progress=False,
+                                    log=lambda *_: None)
+            times[key] = []
+        except (MemoryError, RuntimeError) as exc:  # torch's OutOfMemoryError is a RuntimeError
+            log(f"finalist {key} could not be built ({str(exc)[:80]}); ruled out")
+    order = list(trainers)
+    end = clock() + seconds
+    rounds = 0
+    try:
+        while order and (rounds < WARMUP_STEPS + 1 or clock() < end):
+            for key in (list(order) if rounds % 2 == 0 else order[::-1]):
+                trainer = trainers[key]
+                start = clock()
+                try:
+                    loss, _ = trainer.train_step(trainer.cfg.train.lr)
+                except (MemoryError, RuntimeError) as exc:
+                    log(f"finalist {key} failed a step ({str(exc)[:80]}); ruled out")
+                    order.remove(key)
+                    times.pop(key)
+                    continue
+                if rounds >= WARMUP_STEPS:
+                    times[key].append(clock() - start)
+            rounds += 1
+    finally:
+        for trainer in trainers.values():
+            trainer.loader.close()
+    return {key: (trainers[key].tokens_per_step / statistics.median(times[key]) if times.get(key) else 0.0)
+            for key in configs}
