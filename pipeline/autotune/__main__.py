@@ -349,9 +349,11 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     best = rows[0]
     finals = contenders(rows, ScalingLaw().E) if finals_s > 0 and not pipe.done("plan") else []
     if len(finals) >= 2:
-        log(f"[bold]finalists[/], {finals_s:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
+        # what is left of the finalists' share after the fit and the plan
+        seconds = max(1.0, finals_s - (time.monotonic() - pipe._stage_t))
+        log(f"[bold]finalists[/], {seconds:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
         rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
-                                   for r in finals}, data, finals_s, log)
+                                   for r in finals}, data, seconds, log)
         finalist_rates = rescaled({r.key: r.tokens_per_s for r in finals}, rates)
         for r in finals:
             log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
