@@ -311,6 +311,7 @@ class Trainer:
         copied = torch.cuda.Event()
         copied.record()
         self.optimizer.step()
+        # (MoE routing biases move on a skipped step too: the rollback that follows restores them)
         self._sum_expert_load()
         self.model.update_router_bias()
         self.optimizer.zero_grad(set_to_none=True)
