@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU benchmarks in one device call (about 4 minutes on an H200):
+# The GPU benchmarks in one device call (about 5 minutes on an H200, session 10):
 #   tests        the engine's CUDA-only tests (the fused AdamW's on-device skip of a non-finite step)
 #   mfu          the engine's own trial of a 124M model, bf16: compiled and eager, seq 2048 and 1024
 #   profile      where a compiled step's time goes (torch profiler), so a missed goal has a cause
