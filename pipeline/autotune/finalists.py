@@ -78,7 +78,7 @@ def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], 
                 trainer = trainers[key]
                 start = clock()
                 try:
-                    loss, _ = trainer.train_step(trainer.cfg.train.lr)
+                    trainer.train_step(trainer.cfg.train.lr)
                 except (MemoryError, RuntimeError) as exc:
                     log(f"finalist {key} failed a step ({str(exc)[:80]}); ruled out")
                     order.remove(key)

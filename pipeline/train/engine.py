@@ -300,11 +300,12 @@ class Trainer:
         return loss_value, float(grad_norm)
 
     def _step_on_device(self, total: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
-        """The update without a host round trip before it. Reading the loss first drained the
-        GPU's queue three times a step (loss, gradient norm, next batch): ~9% of a 124M model's
-        step on an H200, where the kernels were busy 92% of it. Here the fused AdamW skips a
-        non-finite step itself (`found_inf`), the loss and norm travel to pinned memory behind
-        the gradient clipping, and the host waits for that copy alone, not for the optimizer."""
+        """The update without a host round trip before it. Reading the loss first left the GPU
+        idle three times a step (loss, gradient norm, next batch; ~1 ms each under the profiler,
+        for a 124M model's 70-ms step on an H200). Here the fused AdamW skips a non-finite step
+        itself (`found_inf`), the loss and norm travel to pinned memory behind the gradient
+        clipping, and the host waits for that copy alone, not for the optimizer. (Measured
+        unprofiled, this bought under 1%: `benchmarks/notes/mfu.md`.)"""
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         self.optimizer.found_inf = (~finite).float()
         stats = torch.stack([total.float(), grad_norm.float()]).to("cpu", non_blocking=True)
@@ -507,7 +508,9 @@ class Trainer:
                     self.log(f"warning: out of memory; micro-batch halved to {self.micro_batch}, "
                              f"accumulation doubled to {self.accum} (global batch unchanged)")
                     continue
-                dt = time.monotonic() - t  # the step's loss is on the host: its work is done
+                # The loss is on the host. (On a GPU this step's update may still be running;
+                # the next step queues behind it, so steady-state step times are unaffected.)
+                dt = time.monotonic() - t
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     if self.trial:
                         res.stopped = "diverged"
