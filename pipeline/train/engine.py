@@ -287,8 +287,8 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         if self.device_skip:
             return self._step_on_device(total, grad_norm)
-        loss_value = float(total)
-        if math.isfinite(loss_value) and math.isfinite(float(grad_norm)):
+        loss_value, norm_value = float(total), float(grad_norm)
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
             if self.scaler:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -297,7 +297,7 @@ class Trainer:
             self._sum_expert_load()
             self.model.update_router_bias()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, float(grad_norm)
+        return loss_value, norm_value
 
     def _step_on_device(self, total: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float]:
         """The update without a host round trip before it. Reading the loss first left the GPU
