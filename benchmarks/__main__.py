@@ -9,11 +9,12 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["speed_vs_hf", "mfu", "micro_batch", "data", "generation", "predictor", "predictor_forms", "deadline", "plateau",
+ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "data", "generation", "predictor", "predictor_forms", "deadline", "plateau",
          "law_check", "law_fit", "quality"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "mfu": "MFU of a 124M dense model (bf16, the training engine)",
           "micro_batch": "Micro-batch on CPU (the CPU space's fixed choice)",
+          "cpu_compile": "torch.compile on CPU (the CPU space's fixed choice)",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
           "predictor": "Throughput predictor on held-out configurations",
           "predictor_forms": "Throughput-model forms replayed on stored calibrations",
@@ -25,10 +26,11 @@ TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
 
 
 def runners():
-    from benchmarks import (data_bench, deadline, generation, law_check, law_fit, mfu, micro_batch, plateau,
-                            predictor, predictor_forms, quality, speed)
+    from benchmarks import (cpu_compile, data_bench, deadline, generation, law_check, law_fit, mfu, micro_batch,
+                            plateau, predictor, predictor_forms, quality, speed)
 
-    return {"speed_vs_hf": speed.run, "mfu": mfu.run, "micro_batch": micro_batch.run, "data": data_bench.run,
+    return {"speed_vs_hf": speed.run, "mfu": mfu.run, "micro_batch": micro_batch.run,
+            "cpu_compile": cpu_compile.run, "data": data_bench.run,
             "generation": generation.run, "predictor": predictor.run,
             "predictor_forms": predictor_forms.run, "deadline": deadline.run,
             "plateau": plateau.run, "law_check": law_check.run, "law_fit": law_fit.run,

@@ -271,6 +271,26 @@ def test_space_rule_and_moe_errors(tmp_path):
         load_space(p)
     with pytest.raises(ConfigError, match="built-in spaces"):
         load_space(tmp_path / "nope.yaml")
+    p.write_text(good + "  compile_full_run: yes please\n")
+    with pytest.raises(ConfigError, match="rules.compile_full_run value 'yes please' is not bool"):
+        load_space(p)
+    p.write_text(good + "  compile_ful_run: true\n")
+    with pytest.raises(ConfigError, match="unknown rules compile_ful_run"):
+        load_space(p)
+
+
+def test_the_full_run_compiles_where_the_space_says_and_trials_do_not(tmp_path):
+    from pipeline.autotune.space import full_run_config, to_run_config
+
+    p = tmp_path / "s.yaml"
+    p.write_text((SPACES_DIR / "cpu-tiny.yaml").read_text() + "  compile_full_run: true\n")
+    space = load_space(p)
+    cand = space.candidates()[0]
+    assert not to_run_config(cand, space, 512).train.compile      # what a trial runs
+    assert full_run_config(cand, space, 512).train.compile        # what the full run runs
+    plain = load_space(SPACES_DIR / "cpu-tiny.yaml")
+    assert not full_run_config(plain.candidates()[0], plain, 512).train.compile
+    assert load_space(SPACES_DIR / "cpu.yaml").rules["compile_full_run"] is True
 
 
 def test_scaling_law_prefers_more_of_both():

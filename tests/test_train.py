@@ -172,6 +172,33 @@ def test_gpu_step_skips_a_nonfinite_update_on_the_device(tiny_data):
     t.loader.close()
 
 
+@pytest.mark.slow
+def test_a_compiled_cpu_step_trains_like_the_eager_one(tiny_data):
+    """The CPU space's full run compiles (Inductor's C++ kernels): same losses, same weights."""
+    eager = make(tiny_data, Budget(tokens=10 * 1024))
+    compiled = make(tiny_data, Budget(tokens=10 * 1024), cfg=tiny_run_config(compile=True))
+    assert compiled.forward is not compiled.model  # it did compile, not fall back
+    for _ in range(3):
+        a, b = eager.train_step(1e-3), compiled.train_step(1e-3)
+        assert a[0] == pytest.approx(b[0], rel=1e-4) and a[1] == pytest.approx(b[1], rel=1e-3)
+    for (k, v), w in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        assert torch.allclose(v, w, atol=1e-5), k
+    eager.loader.close()
+    compiled.loader.close()
+
+
+def test_without_a_cxx_compiler_a_cpu_run_trains_eagerly_and_says_why(tiny_data, monkeypatch):
+    from pipeline.train import engine
+
+    monkeypatch.setattr(engine, "cpu_compiler_missing", lambda: "torch.compile on a CPU needs a C++ compiler")
+    lines = []
+    t = make(tiny_data, Budget(tokens=2 * 1024), cfg=tiny_run_config(compile=True), log=lines.append)
+    assert t.forward is t.model
+    assert any("not compiling" in line and "C++ compiler" in line for line in lines)
+    assert math.isfinite(t.train_step(1e-3)[0])
+    t.loader.close()
+
+
 def test_repeated_nan_ends_the_run_clearly(tiny_data, tmp_path):
     t = make(tiny_data, Budget(tokens=10 * 1024), run_dir=tmp_path,
              loss_hook=lambda tr, loss: loss * float("nan") if tr.step >= 2 else loss)

@@ -436,14 +436,14 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
 def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     """The full run to the deadline (resumed from its checkpoint after an interruption)."""
     from pipeline.autotune.report import short
-    from pipeline.autotune.space import to_run_config
+    from pipeline.autotune.space import full_run_config
     from pipeline.train.config import apply_overrides
     from pipeline.train.engine import Interrupted, result_dict
     from pipeline.train.run import load_resume, train_run
     from pipeline.train.schedule import Budget
 
     chosen = pipe.state["stages"]["plan"]["chosen"]
-    cfg = to_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed)
+    cfg = full_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed)
     cfg.train.parallel = pipe.state["stages"]["plan"].get("parallel", "ddp")
     cfg = apply_overrides(cfg, args.set)
     full_dir = pipe.run_dir / "full"
@@ -506,10 +506,12 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
                         **{f"time_{k}_s": v for k, v in timings.items()}}, step=1)
     parent.end("FINISHED")
     uri = tracking.resolve_uri(args.mlflow_uri)
+    # the space's compile_full_run: planned at the trials' eager speed, trained compiled
+    eager_note = " (eager trials; the run compiled)" if cfg.train.compile and not chosen["compile"] else ""
     console.print(
         f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
         f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params)\n"
-        f"  tokens/s   predicted {planned.predicted_tps:,.0f}, achieved {result['tokens_per_s']:,.0f}\n"
+        f"  tokens/s   predicted {planned.predicted_tps:,.0f}{eager_note}, achieved {result['tokens_per_s']:,.0f}\n"
         f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens\n"
         f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"

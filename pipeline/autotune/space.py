@@ -23,6 +23,10 @@ MODEL_KNOBS = {"n_heads": int, "head_dim": int, "n_layers": int, "kv_ratio": int
                "n_experts": int, "top_k": int, "pos_encoding": str, "activation_checkpointing": bool}
 TRAIN_KNOBS = {"seq_len": int, "micro_batch": int, "compile": bool, "precision": str}
 RULES = {"batch_tokens": int, "lr": float, "lr_ref_width": int, "warmup_frac": float, "schedule": str}
+# compile_full_run: trials run as the space's `compile` choice says, the full run compiled. On a
+# CPU a compile costs 7-11 s per shape (Inductor's C++ kernels), more than a 3-6 s trial window,
+# and pays back 1.13-1.31x in steady speed (benchmarks/results/cpu_compile-*.json).
+OPTIONAL_RULES = {"compile_full_run": bool}
 
 
 @dataclass
@@ -97,9 +101,12 @@ def load_space(path: str | Path) -> SearchSpace:
                     _fail(str(path), f"{section}.{knob} value {v!r} must be positive")
             choices[knob] = values
     rules = raw.get("rules") or {}
-    bad = sorted(set(rules) - set(RULES))
+    bad = sorted(set(rules) - set(RULES) - set(OPTIONAL_RULES))
     if bad:
-        _fail(str(path), f"unknown rules {', '.join(bad)} (known: {', '.join(RULES)})")
+        _fail(str(path), f"unknown rules {', '.join(bad)} (known: {', '.join([*RULES, *OPTIONAL_RULES])})")
+    for rule, kind in OPTIONAL_RULES.items():
+        if rule in rules and not isinstance(rules[rule], kind):
+            _fail(str(path), f"rules.{rule} value {rules[rule]!r} is not {kind.__name__}")
     missing = sorted(set(RULES) - set(rules))
     if missing:
         _fail(str(path), f"rules.{missing[0]} is missing")
@@ -151,6 +158,14 @@ def to_run_config(cand: dict, space: SearchSpace, vocab_size: int, data: DataSet
                        compile=cand["compile"], precision=cand["precision"], seed=seed)
     cfg = RunConfig(model=mcfg, train=tcfg, data=data or DataSettings())
     cfg.validate()
+    return cfg
+
+
+def full_run_config(cand: dict, space: SearchSpace, vocab_size: int, data: DataSettings | None = None,
+                    seed: int = 0) -> RunConfig:
+    """The full run's config: the candidate's, compiled if the space's `compile_full_run` says so."""
+    cfg = to_run_config(cand, space, vocab_size, data, seed)
+    cfg.train.compile = cfg.train.compile or bool(space.rules.get("compile_full_run"))
     return cfg
 
 

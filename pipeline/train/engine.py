@@ -103,6 +103,17 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS
 
 
+def cpu_compiler_missing() -> str | None:
+    """Why Inductor cannot build CPU kernels on this machine (it needs a C++ compiler), or None."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, or whatever this torch version raises
+        return f"torch.compile on a CPU needs a C++ compiler: {str(exc).strip().splitlines()[0][:120]}; install g++"
+    return None
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, data: PreparedData, budget: Budget, *,
                  run_dir: Path | None = None, device: str | None = None, tracker=None,
@@ -162,7 +173,10 @@ class Trainer:
         # gathering become collectives every rank joins.
         self.sharded = ckpt.is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, tc)
-        if tc.compile:
+        missing = cpu_compiler_missing() if tc.compile and self.device.type == "cpu" else None
+        if missing:
+            self.log(f"warning: not compiling ({missing}); training eagerly")
+        elif tc.compile:
             # Static shapes, compiled afresh: a process that compiled another shape before (the
             # MFU benchmark's variants, a trial before the run) would otherwise get a
             # dynamic-shape graph (dynamo's automatic dynamic), measured 20-25% slower on an H200.
