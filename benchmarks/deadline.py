@@ -23,7 +23,7 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
 def _quality_autotune_rows() -> list[dict]:
     """The quality benchmark's autotune runs are timed the same way (start to exit): their
     adherence is reported here too rather than paying for the same 10-minute run twice."""
-    from benchmarks.quality import _arms_file, arm_name
+    from benchmarks.quality import COMPILED, CONTROL, _arms_file, arm_name
 
     path = _arms_file()
     arms = json.loads(path.read_text()) if path.is_file() else {}
@@ -31,7 +31,7 @@ def _quality_autotune_rows() -> list[dict]:
              "wall_s": round(r["wall_over_budget"] * float(m) * 60, 1), "ratio": r["wall_over_budget"],
              "timings_s": r.get("timings_s", {}), "date": r["date"][:10], "commit": r["commit"]}
             for m, done in arms.items() for key, r in done.items()
-            if arm_name(key) == "autotune" and r.get("wall_over_budget")]
+            if arm_name(key) in ("autotune", COMPILED, CONTROL) and r.get("wall_over_budget")]
 
 
 def run(train_minutes=(1, 5), autotune_minutes=()):
