@@ -25,7 +25,7 @@ TRAIN_KNOBS = {"seq_len": int, "micro_batch": int, "compile": bool, "precision":
 RULES = {"batch_tokens": int, "lr": float, "lr_ref_width": int, "warmup_frac": float, "schedule": str}
 # compile_full_run: trials run as the space's `compile` choice says, the full run compiled. On a
 # CPU a compile costs 7-11 s per shape (Inductor's C++ kernels), more than a 3-6 s trial window,
-# and pays back 1.13-1.31x in steady speed (benchmarks/results/cpu_compile-*.json).
+# and pays back 1.2-1.4x in steady speed (benchmarks/results/cpu_compile-*.json).
 OPTIONAL_RULES = {"compile_full_run": bool}
 
 
