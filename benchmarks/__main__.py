@@ -14,7 +14,7 @@ ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "data", "generation
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "mfu": "MFU of a 124M dense model (bf16, the training engine)",
           "micro_batch": "Micro-batch on CPU (the CPU space's fixed choice)",
-          "cpu_compile": "torch.compile on CPU (the CPU space's fixed choice)",
+          "cpu_compile": "torch.compile on CPU (the CPU space's compiled full run)",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
           "predictor": "Throughput predictor on held-out configurations",
           "predictor_forms": "Throughput-model forms replayed on stored calibrations",
