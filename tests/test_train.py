@@ -199,6 +199,16 @@ def test_without_a_cxx_compiler_a_cpu_run_trains_eagerly_and_says_why(tiny_data,
     t.loader.close()
 
 
+def test_missing_python_headers_are_named_before_a_cpu_compile(tmp_path, monkeypatch):
+    import sysconfig
+
+    from pipeline.train.engine import cpu_compiler_missing
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    why = cpu_compiler_missing()
+    assert why is not None and "Python.h" in why and "python3-dev" in why
+
+
 def test_repeated_nan_ends_the_run_clearly(tiny_data, tmp_path):
     t = make(tiny_data, Budget(tokens=10 * 1024), run_dir=tmp_path,
              loss_hook=lambda tr, loss: loss * float("nan") if tr.step >= 2 else loss)

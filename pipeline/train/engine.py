@@ -104,13 +104,20 @@ def peak_memory(device: torch.device) -> int:
 
 
 def cpu_compiler_missing() -> str | None:
-    """Why Inductor cannot build CPU kernels on this machine (it needs a C++ compiler), or None."""
+    """Why Inductor cannot build CPU kernels on this machine, or None. Its generated C++ needs a
+    compiler and Python's headers (some modules include Python.h); without either, the first
+    compiled step would fail mid-run."""
+    import sysconfig
+
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
 
         get_cpp_compiler()
     except Exception as exc:  # InvalidCxxCompiler, or whatever this torch version raises
         return f"torch.compile on a CPU needs a C++ compiler: {str(exc).strip().splitlines()[0][:120]}; install g++"
+    include = sysconfig.get_paths().get("include") or ""
+    if not (Path(include) / "Python.h").is_file():
+        return f"torch.compile on a CPU needs Python's headers, and {include}/Python.h is missing; install python3-dev"
     return None
 
 
