@@ -120,7 +120,7 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
 
 ARMS = ["autotune", "table", "nanochat"] + [f"grid:{g}" for g in GRID]
 COMPILED = "autotune-compiled"  # autotune runs whose CPU full run compiled (from commit 20b6c76)
-CONTROL = "autotune-eager-control"  # the same commit, --set train.compile=false, in the same hour
+CONTROL = "autotune-eager-control"  # --set train.compile=false, the same code, the same session
 
 
 def _arms_file():
@@ -181,7 +181,7 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
         if COMPILED in bpb and arm != COMPILED:
             row["compiled_autotune_bpb"] = bpb[COMPILED]
             row["compiled_over_eager_autotune"] = round(bpb[COMPILED] / auto, 4)
-            if CONTROL in bpb:  # the same commit and hour, full run eager: the compile's own effect
+            if CONTROL in bpb:  # the same code and session, full run eager: the compile's own effect
                 row["eager_control_bpb"] = bpb[CONTROL]
                 row["compiled_over_eager_control"] = round(bpb[COMPILED] / bpb[CONTROL], 4)
         rows.append(row)
@@ -197,7 +197,7 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
         f"{r['autotune_bpb']} bpb (no other arm run)" for r in rows)
     summary += "".join(f"; {r['budget_min']} min, autotune with its full run compiled: {r['compiled_autotune_bpb']} bpb "
                        f"({_x(r['compiled_over_eager_autotune'])} the eager autotune's above"
-                       + (f", {_x(r['compiled_over_eager_control'])} an eager run of the same commit in the same hour, "
+                       + (f", {_x(r['compiled_over_eager_control'])} the eager control runs of the same session, "
                           f"{r['eager_control_bpb']}" if "eager_control_bpb" in r else "") + ")"
                        for r in rows if "compiled_autotune_bpb" in r)
     return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality", on=on)
