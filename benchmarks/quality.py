@@ -1,7 +1,13 @@
 """The headline: for the same budget, hardware and data, validation bpb of
 (a) the autotuned model, (b) the predecessor's fixed-table configuration for that budget
 (its data share applied), (c) a nanochat-style depth heuristic (tokens ≈ 10.5 × params), (d) the best of a hand grid,
-each trained for the same wall-clock by the same engine and evaluated on the same split."""
+each trained for the same wall-clock by the same engine and evaluated on the same split.
+
+Two comparisons, each with its own arms file and table:
+- `quality`: every arm trains eagerly (sessions 1-11's headline; autotune's full run is held eager
+  with `--set train.compile=false`, so the comparison stays one of choices);
+- `quality_compiled` (`--compiled`): the product as it ships on CPU, whose full run compiles
+  (search_spaces/cpu.yaml, compile_full_run), against the other arms' runs compiled as well."""
 from __future__ import annotations
 
 import json
@@ -77,8 +83,9 @@ def grid_config(name: str, vocab: int) -> dict:
                       "warmup_frac": 0.0}}
 
 
-def _train(cfg: dict, minutes: float, out: Path, seed: int = 0) -> dict:
+def _train(cfg: dict, minutes: float, out: Path, seed: int = 0, compiled: bool = False) -> dict:
     cfg["train"]["seed"] = seed
+    cfg["train"]["compile"] = compiled
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
     started = time.monotonic()
@@ -91,14 +98,16 @@ def _train(cfg: dict, minutes: float, out: Path, seed: int = 0) -> dict:
             "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4), "choice": cfg["model"]}
 
 
-def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0) -> dict:
-    """One arm of the comparison, trained for `minutes` of wall-clock."""
+def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0, compiled: bool = False) -> dict:
+    """One arm of the comparison, trained for `minutes` of wall-clock; `compiled`: its run compiles
+    (autotune as it ships on CPU; the other arms with train.compile set)."""
     if arm == "autotune":
         started = time.monotonic()
         auto = subprocess.run([sys.executable, "-m", "pipeline.autotune", "--minutes", str(minutes), "--yes",
                                "--out", str(tmp / "auto"), "--model-name", "bench-quality",
                                # the training seed only: autotune's --seed also reseeds the data split
-                               "--set", f"train.seed={seed}"],
+                               "--set", f"train.seed={seed}"]
+                              + ([] if compiled else ["--set", "train.compile=false"]),
                               capture_output=True, text=True)
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
@@ -109,12 +118,12 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
                 "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
     if arm == "table":
         cfg = table_config(minutes / 60, vocab)
-        return _train(cfg, minutes, tmp / "table", seed) | {"data_fraction": cfg["train"]["data_fraction"]}
+        return _train(cfg, minutes, tmp / "table", seed, compiled) | {"data_fraction": cfg["train"]["data_fraction"]}
     if arm == "nanochat":
         cfg, trace = nanochat_config(minutes * 60 * 0.9, data, vocab)
-        return _train(cfg, minutes, tmp / "nano", seed) | {"depth_trials": trace}
+        return _train(cfg, minutes, tmp / "nano", seed, compiled) | {"depth_trials": trace}
     if arm.startswith("grid:") and arm[5:] in GRID:
-        return _train(grid_config(arm[5:], vocab), minutes, tmp / arm[5:], seed)
+        return _train(grid_config(arm[5:], vocab), minutes, tmp / arm[5:], seed, compiled)
     raise SystemExit(f"error: unknown arm {arm!r}; choose autotune, table, nanochat or grid:<{'|'.join(GRID)}>")
 
 
@@ -123,14 +132,14 @@ COMPILED = "autotune-compiled"  # autotune runs whose CPU full run compiled (fro
 CONTROL = "autotune-eager-control"  # --set train.compile=false, the same code, the same session
 
 
-def _arms_file():
+def _arms_file(name: str = "quality"):
     """This machine's arms (`quality-arms-cpu.json`: sessions 1-8's CPU)."""
     from benchmarks.common import slug
 
-    return RESULTS / f"quality-arms-{slug()}.json"
+    return RESULTS / f"{name}-arms-{slug()}.json"
 
 
-def run(minutes=(10,), only: list[str] | None = None, seed: int = 0):
+def run(minutes=(10,), only: list[str] | None = None, seed: int = 0, compiled: bool = False):
     """Run the arms not yet measured for each budget (or `only` those, again), then summarise.
     A seed other than 0 is stored as another sample of the arm (`ARM@seedN`); the summary
     compares arms by their mean over the seeds they have."""
@@ -139,19 +148,20 @@ def run(minutes=(10,), only: list[str] | None = None, seed: int = 0):
 
     data = prepare(DataSettings(), log=lambda *_: None)
     vocab = -(-data.vocab_size // 64) * 64
-    path = _arms_file()
+    name = "quality_compiled" if compiled else "quality"
+    path = _arms_file(name)
     arms_done = json.loads(path.read_text()) if path.is_file() else {}
     for m in minutes:
         done = arms_done.setdefault(str(m), {})
         for arm in (only or [a for a in ARMS if a not in done]):
             print(f"quality {m} min: {arm} (seed {seed}) …", flush=True)
-            result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()), seed)
+            result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()), seed, compiled)
             done[arm if seed == 0 else f"{arm}@seed{seed}"] = result | {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
             path.write_text(json.dumps(arms_done, indent=1))  # after every arm: nothing measured is lost
-    return summarise(minutes, arms_done)
+    return summarise(minutes, arms_done, name=name)
 
 
-def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
+def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None, name: str = "quality"):
     """The table for one machine's arms (`on`: another machine's, see `common.save`)."""
     rows = []
     for m in minutes:
@@ -200,7 +210,7 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None):
                        + (f", {_x(r['compiled_over_eager_control'])} the eager control runs of the same session, "
                           f"{r['eager_control_bpb']}" if "eager_control_bpb" in r else "") + ")"
                        for r in rows if "compiled_autotune_bpb" in r)
-    return save("quality", rows, summary, GOAL, ok, "python -m benchmarks run quality", on=on)
+    return save(name, rows, summary, GOAL, ok, f"python -m benchmarks run {name}", on=on)
 
 
 def arm_name(key: str) -> str:
@@ -232,6 +242,8 @@ if __name__ == "__main__":
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--arm", action="append", help=f"one of {', '.join(ARMS)} (repeatable); default: the missing ones")
     ap.add_argument("--seed", type=int, default=0, help="another sample of the arm (its mean enters the table)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="every arm's run compiled (autotune as it ships on CPU): the quality_compiled table")
     args = ap.parse_args()
     minutes = int(args.minutes) if float(args.minutes).is_integer() else args.minutes
-    run((minutes,), only=args.arm, seed=args.seed)
+    run((minutes,), only=args.arm, seed=args.seed, compiled=args.compiled)
