@@ -140,10 +140,11 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
 ARMS = ["autotune", "table", "nanochat"] + [f"grid:{g}" for g in GRID]
 COMPILED = "autotune-compiled"  # autotune runs whose CPU full run compiled (from commit 20b6c76)
 CONTROL = "autotune-eager-control"  # --set train.compile=false, the same code, the same session
+COMPARISONS = {False: "quality", True: "quality_compiled"}  # every arm eager / every arm compiled
 
 
 def _arms_file(name: str = "quality"):
-    """This machine's arms (`quality-arms-cpu.json`: sessions 1-8's CPU)."""
+    """This machine's arms for one comparison (`quality-arms-cpu.json`: sessions 1-8's CPU)."""
     from benchmarks.common import slug
 
     return RESULTS / f"{name}-arms-{slug()}.json"
@@ -158,7 +159,7 @@ def run(minutes=(10,), only: list[str] | None = None, seed: int = 0, compiled: b
 
     data = prepare(DataSettings(), log=lambda *_: None)
     vocab = -(-data.vocab_size // 64) * 64
-    name = "quality_compiled" if compiled else "quality"
+    name = COMPARISONS[compiled]
     path = _arms_file(name)
     arms_done = json.loads(path.read_text()) if path.is_file() else {}
     for m in minutes:
