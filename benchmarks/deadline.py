@@ -58,17 +58,17 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
 
 def autotune_row(minutes: float, wall_s: float, run_dir: Path) -> dict:
     """One autotune run's row: wall-clock (process start to exit) over budget, and where its time went."""
-    state = json.loads((Path(run_dir) / "pipeline.json").read_text())
+    state = json.loads((run_dir / "pipeline.json").read_text())
     calib = state["timings"].get("calibrate", 0.0)
     return {"command": f"pipeline.autotune --minutes {minutes:g}", "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
             "ratio": round(wall_s / (minutes * 60), 4), "calibration_share": round(calib / (minutes * 60), 4),
             "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
 
 
-def record(minutes: float, wall_s: float, run_dir: str):
+def record(minutes: float, wall_s: float, run_dir: Path):
     """File an autotune run timed by its launcher (benchmarks/gpu.sh runs a GPU budget detached,
     across two device calls, since one call may last 600 s and the GPU minimum budget is 600 s)."""
-    return _save([autotune_row(minutes, wall_s, Path(run_dir))])
+    return _save([autotune_row(minutes, wall_s, run_dir)])
 
 
 def _save(rows: list[dict]):
@@ -114,7 +114,7 @@ def detached(minutes: float, folder: Path, wait_s: float, out: Path | None = Non
     rc = int((folder / "rc").read_text())
     if rc != 0:
         raise SystemExit(f"autotune failed (exit {rc}): {log.read_text()[-1500:]}")
-    record(minutes, float((folder / "end").read_text()) - float(start.read_text()), str(folder / "run"))
+    record(minutes, float((folder / "end").read_text()) - float(start.read_text()), folder / "run")
     return True
 
 

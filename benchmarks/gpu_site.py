@@ -16,7 +16,6 @@ The versions are this checkout's virtual environment's, so the GPU runs the code
 """
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / ".gpu-site"
@@ -63,10 +63,6 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
 PRUNE = ["ray/jars", "mlflow/server/js", "**/*.js.map", "bin"]
 
 
-def _name(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def missing_packages(project: str = "pufferfish") -> list[str]:
     """`name==version` for every runtime dependency of the project, recursively, that the lent
     machine lacks, at the versions installed here."""
@@ -75,7 +71,7 @@ def missing_packages(project: str = "pufferfish") -> list[str]:
             if "extra ==" not in r]
     while todo:
         req = todo.pop()
-        name = _name(req.name)
+        name = canonicalize_name(req.name)
         if name in DEVICE_HAS or (name in wanted and set(req.extras) <= wanted[name]):
             continue
         wanted[name] = wanted.get(name, set()) | set(req.extras)
