@@ -10,7 +10,7 @@ from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "data", "generation", "predictor", "predictor_forms", "deadline", "plateau",
-         "law_check", "law_fit", "quality", "quality_compiled"]
+         "law_check", "law_variants", "law_fit", "quality", "quality_compiled"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "mfu": "MFU of a 124M dense model (bf16, the training engine)",
           "micro_batch": "Micro-batch on CPU (the CPU space's fixed choice)",
@@ -21,6 +21,7 @@ TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "deadline": "Wall-clock adherence",
           "plateau": "Learning rate and the plateau exit (the CPU space's lr rule)",
           "law_check": "The planner's scaling law against the hand-grid runs",
+          "law_variants": "The law's data-constrained constants (R_D*, R_N*) replayed on every stored comparison",
           "law_fit": "The scaling law refitted on this machine's runs, tested on a budget it did not see",
           "quality": "Autotune vs the predecessor's table (headline)",
           "quality_compiled": "Autotune vs the predecessor's table, every arm's run compiled (the product as it ships on CPU)"}
@@ -34,7 +35,7 @@ def runners():
             "cpu_compile": cpu_compile.run, "data": data_bench.run,
             "generation": generation.run, "predictor": predictor.run,
             "predictor_forms": predictor_forms.run, "deadline": deadline.run,
-            "plateau": plateau.run, "law_check": law_check.run, "law_fit": law_fit.run,
+            "plateau": plateau.run, "law_check": law_check.run, "law_variants": law_check.variants, "law_fit": law_fit.run,
             "quality": quality.run, "quality_compiled": lambda: quality.run((15,), compiled=True)}
 
 

@@ -9,14 +9,20 @@ for the default law (R_N* = 16, our recalibration), Muennighoff et al.'s R_N* = 
 discounts of excess parameters, together with the training time at which the planner, given the throughput model
 fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the space's smallest
 model, what each stored calibration's own model would make it choose at 10, 15 and 30 minutes, and
-what those choices cost in measured bpb."""
+what those choices cost in measured bpb.
+
+`variants()` (`law_variants`) replays the law's two data-constrained constants, R_D* (how fast
+repeated tokens stop paying) and R_N* (how fast excess parameters do), over every stored
+comparison of every machine: the pairs each law orders as they finished, and the measured run it
+ranks first (a proxy for its choice: the planner chooses among the space's candidates at their
+predicted token counts, and some of these runs, one-layer ones, are outside the CPU space)."""
 from __future__ import annotations
 
 import itertools
 import json
 import statistics
 
-from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
+from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save, slug
 from benchmarks.predictor_forms import shape_of, stored_calibrations
 from benchmarks.quality import arm_name
 
@@ -155,6 +161,49 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
                                                    sorted(best.items(), key=lambda kv: float(kv[0]))))
     return save("law_check", rows, summary, "the planner's choices cost ≤ 1.02× the best measured run", None,
                 "python -m benchmarks run law_check", on=SESSIONS_1_8_CPU)
+
+
+R_D = [2.0, 4.0, 8.0, 15.4]
+VARIANT_R_N = [5.3, 16.0, 50.0, 1e9]
+
+
+def _comparisons() -> dict[str, list]:
+    """{"sessions 1–8 eager 10 min": runs, …}: every stored comparison's grid and autotune runs."""
+    files = {"sessions 1–8 eager": RESULTS / "quality-arms-cpu.json",
+             "eager": RESULTS / f"quality-arms-{slug()}.json",
+             "compiled": RESULTS / f"quality_compiled-arms-{slug()}.json"}
+    out = {}
+    for label, path in files.items():
+        if path.is_file():
+            for minutes, runs in sorted(_runs(json.loads(path.read_text())).items(), key=lambda kv: float(kv[0])):
+                out[f"{label} {minutes} min"] = runs
+    return out
+
+
+def variants(unique_tokens: float = 1.33e6):
+    from pipeline.autotune.plan import ScalingLaw
+
+    comparisons = _comparisons()
+    rows = []
+    for r_d, r_n in itertools.product(R_D, VARIANT_R_N):
+        law = ScalingLaw(r_star=r_d, r_star_params=r_n)
+        row = {"R_D*": r_d, "R_N*": "none" if r_n > 1e6 else r_n}
+        good = total = 0
+        for label, runs in comparisons.items():
+            g, t = pairs_right(law, runs, unique_tokens)
+            first = min(runs, key=lambda r: law.loss(r[1], r[2], unique_tokens))
+            row[label] = f"{g}/{t}, first {first[4]} {first[3] / min(r[3] for r in runs):.3f}×"
+            good, total = good + g, total + t
+        row["pairs right"] = f"{good}/{total}"
+        rows.append(row)
+    default = ScalingLaw()
+    mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
+    best = max(rows, key=lambda r: int(r["pairs right"].split("/")[0]))
+    summary = (f"default law (R_D* {default.r_star:g}, R_N* {default.r_star_params:g}): pairs right {mine['pairs right']}; "
+               f"best of {len(rows)} variants (R_D* {best['R_D*']:g}, R_N* {best['R_N*']}): {best['pairs right']}; "
+               + "; ".join(f"{k}: default {mine[k]}, that variant {best[k]}" for k in comparisons))
+    return save("law_variants", rows, summary, "— (evidence for the planner's law constants)", None,
+                "python -m benchmarks run law_variants")
 
 
 if __name__ == "__main__":
