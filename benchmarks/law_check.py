@@ -22,9 +22,9 @@ import itertools
 import json
 import statistics
 
-from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save, slug
+from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 from benchmarks.predictor_forms import shape_of, stored_calibrations
-from benchmarks.quality import arm_name
+from benchmarks.quality import COMPARISONS, _arms_file, arm_name
 
 R_N = [5.3, 10.0, 15.0, 16.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
@@ -170,8 +170,7 @@ VARIANT_R_N = [5.3, 16.0, 50.0, 1e9]
 def _comparisons() -> dict[str, list]:
     """{"sessions 1–8 eager 10 min": runs, …}: every stored comparison's grid and autotune runs."""
     files = {"sessions 1–8 eager": RESULTS / "quality-arms-cpu.json",
-             "eager": RESULTS / f"quality-arms-{slug()}.json",
-             "compiled": RESULTS / f"quality_compiled-arms-{slug()}.json"}
+             "eager": _arms_file(COMPARISONS[False]), "compiled": _arms_file(COMPARISONS[True])}
     out = {}
     for label, path in files.items():
         if path.is_file():
@@ -184,7 +183,7 @@ def variants(unique_tokens: float = 1.33e6):
     from pipeline.autotune.plan import ScalingLaw
 
     comparisons = _comparisons()
-    rows = []
+    rows, right = [], []
     for r_d, r_n in itertools.product(R_D, VARIANT_R_N):
         law = ScalingLaw(r_star=r_d, r_star_params=r_n)
         row = {"R_D*": r_d, "R_N*": "none" if r_n > 1e6 else r_n}
@@ -196,9 +195,10 @@ def variants(unique_tokens: float = 1.33e6):
             good, total = good + g, total + t
         row["pairs right"] = f"{good}/{total}"
         rows.append(row)
+        right.append(good)
     default = ScalingLaw()
     mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
-    best = max(rows, key=lambda r: int(r["pairs right"].split("/")[0]))
+    best = rows[right.index(max(right))]
     summary = (f"default law (R_D* {default.r_star:g}, R_N* {default.r_star_params:g}): pairs right {mine['pairs right']}; "
                f"best of {len(rows)} variants (R_D* {best['R_D*']:g}, R_N* {best['R_N*']}): {best['pairs right']}; "
                + "; ".join(f"{k}: default {mine[k]}, that variant {best[k]}" for k in comparisons))
