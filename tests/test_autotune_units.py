@@ -279,6 +279,48 @@ def test_space_rule_and_moe_errors(tmp_path):
         load_space(p)
 
 
+def _shapes(space) -> set:
+    return {(c["n_heads"] * c["head_dim"], c["n_layers"]) for c in space.candidates()}
+
+
+def test_the_aspect_ratio_rule_keeps_only_shapes_in_its_range(tmp_path):
+    from pipeline.autotune.calibrate import seed_points
+
+    good = (SPACES_DIR / "cpu-tiny.yaml").read_text()
+    p = tmp_path / "s.yaml"
+    p.write_text(good + "  aspect_ratio: [32, 64]\n")
+    space = load_space(p)
+    # widths 64/128 × depths 1-3: 21 (d64-L3) and 128 (d128-L1) fall outside [32, 64]
+    assert _shapes(space) == {(64, 1), (64, 2), (128, 2), (128, 3)}
+    assert _shapes(load_space(SPACES_DIR / "cpu-tiny.yaml")) >= {(64, 3), (128, 1)}
+    assert all(space.allows(pt) for pt in seed_points(space))  # a corner outside: an allowed stand-in
+    cpu = load_space(SPACES_DIR / "cpu.yaml")
+    assert (192, 2) not in _shapes(cpu) and {(128, 4), (192, 3)} <= _shapes(cpu)
+    for bad, message in (("[64]", "must be \\[low, high\\]"), ("[64, 32]", "low ≤ high"),
+                         ("[0, 32]", "two positive numbers"), ("[500, 900]", "leaves no candidate .* from 21.3 to 128")):
+        p.write_text(good + f"  aspect_ratio: {bad}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_space(p)
+
+
+def test_suggestions_outside_the_shape_rules_are_never_run(tiny_data, tmp_path):
+    import optuna
+
+    from pipeline.autotune.calibrate import OBJECTIVE, DeadlineOptunaSearch, DefineByRun
+
+    p = tmp_path / "s.yaml"
+    p.write_text((SPACES_DIR / "cpu-tiny.yaml").read_text() + "  aspect_ratio: [32, 64]\n")
+    space = load_space(p)
+    ctx = _ctx(space, tiny_data, tmp_path / "trials.jsonl")
+    s = DeadlineOptunaSearch(DefineByRun(space.choices, ctx), metric=OBJECTIVE, mode="min",
+                             sampler=optuna.samplers.TPESampler(seed=0), ctx=ctx)
+    sent = [s.suggest(f"t{i}") for i in range(12)]
+    assert all(space.allows({k: c[k] for k in space.choices}) for c in sent)
+    told = [t for t in s._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert told and all(t.value == math.inf for t in told)   # the excluded ones, answered in the driver
+    assert not s.skipped                                      # and never reported as trials
+
+
 def test_the_full_run_compiles_where_the_space_says_and_trials_do_not(tmp_path):
     from pipeline.autotune.space import full_run_config, to_run_config
 

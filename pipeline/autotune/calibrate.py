@@ -249,8 +249,10 @@ def seed_points(space) -> list[dict]:
     lo = {k: v[0] for k, v in space.choices.items()}
     hi = {k: v[-1] for k, v in space.choices.items()}
     mid = {k: v[len(v) // 2] for k, v in space.choices.items()}
+    allowed = space.candidates()  # a corner the shape rules exclude: the allowed one in its place
     points = []
-    for p in (lo, mid, hi):
+    for p, stand_in in ((lo, allowed[0]), (mid, allowed[len(allowed) // 2]), (hi, allowed[-1])):
+        p = p if space.allows(p) else stand_in
         if p not in points:
             points.append(p)
     return points
@@ -278,15 +280,20 @@ class DeadlineOptunaSearch(OptunaSearch):
     TPE's repeats of a measured candidate, candidates too slow to read): Optuna is told their
     objective at once and asked again. Sent through Tune, each cost a trial's round trip
     (~0.2 s on 2 CPU cores): a 10-minute calibration spent 28 of its 58 s on ~70 repeats and
-    ~50 skips (session 9). When `EXHAUSTED` suggestions in a row need no trial, nothing in the
-    space is left worth measuring and calibration ends, leaving its time to the full run."""
+    ~50 skips (session 9). A suggestion the space's shape rules exclude (`SearchSpace.allows`:
+    Optuna samples each knob on its own) is told an infinite objective, so TPE learns to avoid
+    it. When `EXHAUSTED` suggestions in a row need no trial, nothing in the space is left worth
+    measuring and calibration ends, leaving its time to the full run."""
 
     deadline = float("inf")
     EXHAUSTED = 50
 
     def __init__(self, *args, ctx: dict | None = None, **kwargs):
+        from pipeline.autotune.space import SearchSpace
+
         super().__init__(*args, **kwargs)
         self.ctx, self.skipped, self.exhausted = ctx, {}, False
+        self.space = SearchSpace(**ctx["space"]) if ctx else None
 
     def suggest(self, trial_id):
         from pipeline.autotune.space import candidate_key
@@ -298,6 +305,9 @@ class DeadlineOptunaSearch(OptunaSearch):
             if not isinstance(config, dict) or self.ctx is None:
                 return config
             cand = {k: config[k] for k in self.ctx["space"]["choices"]}
+            if not self.space.allows(cand):
+                self._ot_study.tell(self._ot_trials.pop(trial_id), math.inf)
+                continue
             answer = answer_without_running(cand, self.ctx)
             if answer is None:
                 return config

@@ -3,7 +3,9 @@ rest (width from heads × head dim, KV heads from a ratio, learning rate from wi
 
 Every combination of choices is a valid model by construction (the derived fields are rounded
 to valid values), so Optuna can sample knobs independently and the planner can enumerate the
-full product without a constraint solver.
+full product without a constraint solver. One optional rule narrows the product: `aspect_ratio:
+[lo, hi]` keeps the candidates whose d_model / n_layers lies in that range (`SearchSpace.allows`);
+the calibration answers a suggestion outside it without running a trial.
 """
 from __future__ import annotations
 
@@ -27,6 +29,10 @@ RULES = {"batch_tokens": int, "lr": float, "lr_ref_width": int, "warmup_frac": f
 # CPU a compile costs 7-11 s per shape (Inductor's C++ kernels), more than a 3-6 s trial window,
 # and pays back 1.2-1.4x in steady speed (benchmarks/results/cpu_compile-*.json).
 OPTIONAL_RULES = {"compile_full_run": bool}
+# aspect_ratio: [lo, hi] bounds on d_model / n_layers. The scaling law sees parameters and tokens,
+# not shape; where runs show that shape matters at equal parameters (on 2 CPU cores, wide-shallow
+# d192-L2 lost to deeper d128-L3/L4 at every budget), the space rules those shapes out instead.
+SHAPE_RULES = {"aspect_ratio"}
 
 
 @dataclass
@@ -41,6 +47,11 @@ class SearchSpace:
     def knobs(self) -> list[str]:
         return list(self.choices)
 
+    def allows(self, cand: dict) -> bool:
+        """Whether the space's shape rules admit this combination of choices."""
+        bounds = self.rules.get("aspect_ratio")
+        return not bounds or bounds[0] <= aspect_ratio(cand) <= bounds[1]
+
     def candidates(self) -> list[dict]:
         keys = self.knobs
         out = []
@@ -49,11 +60,17 @@ class SearchSpace:
             if cand["n_experts"] == 0:
                 if cand["top_k"] != self.choices["top_k"][0]:
                     continue  # top_k is meaningless for dense models: keep one copy
-            out.append(cand)
+            if self.allows(cand):
+                out.append(cand)
         return out
 
     def __len__(self) -> int:
         return len(self.candidates())
+
+
+def aspect_ratio(cand: dict) -> float:
+    """d_model / n_layers: 64 in nanochat's depth rule, 64 in GPT-2 small (768 / 12)."""
+    return cand["n_heads"] * cand["head_dim"] / cand["n_layers"]
 
 
 def _fail(where: str, message: str):
@@ -101,9 +118,10 @@ def load_space(path: str | Path) -> SearchSpace:
                     _fail(str(path), f"{section}.{knob} value {v!r} must be positive")
             choices[knob] = values
     rules = raw.get("rules") or {}
-    bad = sorted(set(rules) - set(RULES) - set(OPTIONAL_RULES))
+    bad = sorted(set(rules) - set(RULES) - set(OPTIONAL_RULES) - SHAPE_RULES)
     if bad:
-        _fail(str(path), f"unknown rules {', '.join(bad)} (known: {', '.join([*RULES, *OPTIONAL_RULES])})")
+        _fail(str(path), f"unknown rules {', '.join(bad)} "
+                         f"(known: {', '.join([*RULES, *OPTIONAL_RULES, *sorted(SHAPE_RULES)])})")
     for rule, kind in OPTIONAL_RULES.items():
         if rule in rules and not isinstance(rules[rule], kind):
             _fail(str(path), f"rules.{rule} value {rules[rule]!r} is not {kind.__name__}")
@@ -120,8 +138,18 @@ def load_space(path: str | Path) -> SearchSpace:
     for p in choices["precision"]:
         if p not in ("auto", "fp32", "bf16", "fp16"):
             _fail(str(path), f"train.precision value {p!r} must be auto, fp32, bf16 or fp16")
+    bounds = rules.get("aspect_ratio")
+    if bounds is not None and not (isinstance(bounds, list) and len(bounds) == 2
+                                   and all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0
+                                           for b in bounds) and bounds[0] <= bounds[1]):
+        _fail(str(path), f"rules.aspect_ratio must be [low, high], two positive numbers with low ≤ high "
+                         f"(d_model / n_layers), got {bounds!r}")
     space = SearchSpace(name=raw.get("name") or path.stem, choices=choices, rules=rules,
                         description=raw.get("description", ""), path=str(path))
+    if not space.candidates():
+        ratios = sorted(h * w / n for h in choices["n_heads"] for w in choices["head_dim"] for n in choices["n_layers"])
+        _fail(str(path), f"rules.aspect_ratio {bounds} leaves no candidate (the choices give d_model / n_layers "
+                         f"from {ratios[0]:.3g} to {ratios[-1]:.3g})")
     # Build one candidate so rule errors surface now, not in a Ray worker.
     to_run_config(space.candidates()[0], space, vocab_size=256)
     return space
