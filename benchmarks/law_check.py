@@ -11,11 +11,12 @@ fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the 
 model, what each stored calibration's own model would make it choose at 10, 15 and 30 minutes, and
 what those choices cost in measured bpb.
 
-`variants()` (`law_variants`) replays the law's two data-constrained constants, R_D* (how fast
-repeated tokens stop paying) and R_N* (how fast excess parameters do), over every stored
-comparison of every machine: the pairs each law orders as they finished, and the measured run it
-ranks first (a proxy for its choice: the planner chooses among the space's candidates at their
-predicted token counts, and some of these runs, one-layer ones, are outside the CPU space)."""
+`run()` sweeps R_N* at the planner's R_D*. `variants()` (`law_variants`) replays both
+data-constrained constants, R_D* (how fast repeated tokens stop paying) and R_N* (how fast excess
+parameters do), over every stored comparison of every machine: the pairs each law orders as they
+finished, over all runs and over the shapes the CPU space offers, the measured run it ranks first
+among those, and what the planner would choose with this CPU's throughput model. Session 15 chose
+the planner's R_D* (3) and the space's aspect_ratio rule from it."""
 from __future__ import annotations
 
 import itertools
@@ -163,8 +164,8 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
                 "python -m benchmarks run law_check", on=SESSIONS_1_8_CPU)
 
 
-R_D = [2.0, 4.0, 8.0, 15.4]
-VARIANT_R_N = [5.3, 16.0, 50.0, 1e9]
+R_D = [1.5, 2.0, 3.0, 4.0, 8.0, 15.4]
+VARIANT_R_N = [5.3, 8.0, 16.0, 50.0, 1e9]
 
 
 def _comparisons() -> dict[str, list]:
@@ -179,29 +180,67 @@ def _comparisons() -> dict[str, list]:
     return out
 
 
-def variants(unique_tokens: float = 1.33e6):
-    from pipeline.autotune.plan import ScalingLaw
+def _this_cpu_throughput(space, vocab: int):
+    """A throughput model fitted on the 2-core EPYC's interleaved measurements of eight
+    configurations (`predictor-cpu-f25m17-2c.json`, eager, as calibration trials run)."""
+    from pipeline.autotune.fit import ThroughputModel
 
+    path = RESULTS / "predictor-cpu-f25m17-2c.json"
+    if not path.is_file():
+        return None
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["config"].startswith("d")]
+    knobs = [(int(r["config"].split()[0][1:]) // 64, int(r["config"].split()[1][1:])) for r in rows]
+    return ThroughputModel.fit([shape_of(space, vocab, *k) for k in knobs], [r["alone_tokens_per_s"] for r in rows])
+
+
+def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
+    """Every (R_D*, R_N*) of the grid on every stored comparison: pairs ordered as they finished,
+    over all runs and over the runs whose shape the CPU space offers (the shapes the planner can
+    choose: two or more layers, d_model / n_layers within the space's aspect_ratio rule), and the
+    run the law ranks first among those; then the planner's choice at the training time of a
+    10-, 15- and 30-minute autotune (525, 790, 1600 s) with this CPU's throughput model."""
+    from pipeline.autotune.fit import MemoryModel
+    from pipeline.autotune.plan import ScalingLaw, plan
+    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
+
+    space = load_space(SPACES_DIR / "cpu.yaml")
+    offered = {shape_name(model_config(c, vocab)) for c in space.candidates()}
+    cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+    model = _this_cpu_throughput(space, vocab)
     comparisons = _comparisons()
     rows, right = [], []
     for r_d, r_n in itertools.product(R_D, VARIANT_R_N):
         law = ScalingLaw(r_star=r_d, r_star_params=r_n)
         row = {"R_D*": r_d, "R_N*": "none" if r_n > 1e6 else r_n}
-        good = total = 0
+        good = total = s_good = s_total = 0
         for label, runs in comparisons.items():
             g, t = pairs_right(law, runs, unique_tokens)
-            first = min(runs, key=lambda r: law.loss(r[1], r[2], unique_tokens))
-            row[label] = f"{g}/{t}, first {first[4]} {first[3] / min(r[3] for r in runs):.3f}×"
-            good, total = good + g, total + t
+            mine = [r for r in runs if r[4] in offered]
+            sg, st = pairs_right(law, mine, unique_tokens)
+            first = min(mine, key=lambda r: law.loss(r[1], r[2], unique_tokens))
+            row[label] = f"{g}/{t} ({sg}/{st}), first {first[4]} {first[3] / min(r[3] for r in mine):.3f}×"
+            good, total, s_good, s_total = good + g, total + t, s_good + sg, s_total + st
         row["pairs right"] = f"{good}/{total}"
+        row["pairs right, space's shapes"] = f"{s_good}/{s_total}"
+        if model is not None:
+            row["plan at 10/15/30 min (this CPU)"] = " / ".join(
+                shape_name(model_config(plan(cands, model, MemoryModel(), TRAIN_S[m], unique_tokens, law)[0].candidate,
+                                        vocab)) for m in ("10", "15", "30"))
         rows.append(row)
-        right.append(good)
+        right.append(s_good)
     default = ScalingLaw()
     mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
+    before = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (15.4, 16.0))  # sessions 7-14's law
     best = rows[right.index(max(right))]
-    summary = (f"default law (R_D* {default.r_star:g}, R_N* {default.r_star_params:g}): pairs right {mine['pairs right']}; "
-               f"best of {len(rows)} variants (R_D* {best['R_D*']:g}, R_N* {best['R_N*']}): {best['pairs right']}; "
-               + "; ".join(f"{k}: default {mine[k]}, that variant {best[k]}" for k in comparisons))
+
+    def said(r):
+        shapes = r["pairs right, space's shapes"]
+        return (f"(R_D* {r['R_D*']:g}, R_N* {r['R_N*']}): pairs right {r['pairs right']}, "
+                f"among the space's shapes {shapes}"
+                + (f", plans {r['plan at 10/15/30 min (this CPU)']} at 10/15/30 min" if model else ""))
+    summary = (f"default law {said(mine)}; the law before session 15 {said(before)}; "
+               f"best of {len(rows)} on the space's shapes {said(best)}; "
+               + "; ".join(f"{k}: default {mine[k]}, before {before[k]}" for k in comparisons))
     return save("law_variants", rows, summary, "— (evidence for the planner's law constants)", None,
                 "python -m benchmarks run law_variants")
 

@@ -27,6 +27,7 @@ from benchmarks.law_check import TRAIN_S, _throughput, model_of, pairs_right, sh
 from benchmarks.quality import arm_name
 
 R_N = [5.3, 10.0, 20.0, 30.0, 50.0, 100.0, 1e9]
+PUBLISHED_R_D = 15.4  # Muennighoff et al.'s repeated-data decay (the planner's, since session 15, is 3)
 PAPER = "paper's R_N* 5.3 pairs right"
 
 
@@ -58,7 +59,7 @@ def fit(points: list[dict], unique: float, r_n: float):
 
     from pipeline.autotune.plan import ScalingLaw, effective_params, effective_tokens
 
-    law = ScalingLaw(r_star_params=r_n)
+    law = ScalingLaw(r_star=PUBLISHED_R_D, r_star_params=r_n)
     y = np.array([p["bpb"] for p in points])
     for _ in range(20):
         u_n = law.optimal_params(unique)
@@ -67,7 +68,7 @@ def fit(points: list[dict], unique: float, r_n: float):
         (e, a, b), _ = nnls(x, y)
         if a <= 0 or b <= 0:   # a degenerate fit: one term explains nothing; keep the last law
             break
-        law = ScalingLaw(E=e, A=a, B=b, r_star_params=r_n)
+        law = ScalingLaw(E=e, A=a, B=b, r_star=PUBLISHED_R_D, r_star_params=r_n)
     resid = y - np.array([law.loss(p["n"], p["tokens"], unique) for p in points])
     return law, float(np.sqrt(np.mean(resid ** 2)))
 
@@ -89,7 +90,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
 
     points = runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), vocab)
     budgets = sorted({p["budget"] for p in points}, key=float)
-    default, paper = ScalingLaw(), ScalingLaw(r_star_params=5.3)
+    default, paper = ScalingLaw(), ScalingLaw(r_star=PUBLISHED_R_D, r_star_params=5.3)
     rows = []
     for held in budgets:
         train = [p for p in points if p["budget"] != held]
