@@ -46,6 +46,13 @@ def shape_name(cfg) -> str:
     return f"d{cfg.d_model}-L{cfg.n_layers}"
 
 
+def planner_candidates(space, vocab: int) -> list:
+    """(key, candidate, Shape) for every candidate of the space: what `plan` enumerates."""
+    from pipeline.autotune.space import candidate_key
+
+    return [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+
+
 def pairs_right(law, runs, unique: float) -> tuple[int, int]:
     """(pairs the law orders as they finished, pairs counted) among runs (arm, params, tokens,
     bpb, ...): two seeds of one arm, or two runs within CLOSE, are not counted."""
@@ -115,13 +122,13 @@ def _cost(picks: dict[str, int], bpb: dict[str, float]) -> str:
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, law_params, plan
-    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
+    from pipeline.autotune.space import SPACES_DIR, load_space, model_config
 
     grids = _runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()))
     measured = {m: _by_shape(rs) for m, rs in grids.items()}
     space = load_space(SPACES_DIR / "cpu.yaml")
     model, each = _throughput(space, vocab)
-    cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+    cands = planner_candidates(space, vocab)
     smallest = min(cands, key=lambda c: law_params(c[2]))[0]
     rows = []
     for r_n in R_N:
@@ -201,11 +208,11 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
     10-, 15- and 30-minute autotune (525, 790, 1600 s) with this CPU's throughput model."""
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, plan
-    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
+    from pipeline.autotune.space import SPACES_DIR, load_space, model_config
 
     space = load_space(SPACES_DIR / "cpu.yaml")
-    offered = {shape_name(model_config(c, vocab)) for c in space.candidates()}
-    cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+    cands = planner_candidates(space, vocab)
+    offered = {shape_name(shape.model) for *_, shape in cands}
     model = _this_cpu_throughput(space, vocab)
     comparisons = _comparisons()
     rows, right = [], []

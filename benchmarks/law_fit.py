@@ -23,7 +23,7 @@ import json
 import statistics
 
 from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
-from benchmarks.law_check import TRAIN_S, _throughput, model_of, pairs_right, shape_name
+from benchmarks.law_check import TRAIN_S, _throughput, model_of, pairs_right, planner_candidates, shape_name
 from benchmarks.quality import arm_name
 
 R_N = [5.3, 10.0, 20.0, 30.0, 50.0, 100.0, 1e9]
@@ -83,10 +83,9 @@ def ranked_pairs(law, points, unique) -> tuple[int, int]:
 
 
 def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
-    from benchmarks.predictor_forms import shape_of
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, plan
-    from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config
+    from pipeline.autotune.space import SPACES_DIR, load_space, model_config
 
     points = runs(json.loads((RESULTS / "quality-arms-cpu.json").read_text()), vocab)
     budgets = sorted({p["budget"] for p in points}, key=float)
@@ -107,7 +106,7 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
     law, rms, r_n = best_fit(points, unique_tokens)
     space = load_space(SPACES_DIR / "cpu.yaml")
     pooled, _ = _throughput(space, vocab)
-    cands = [(candidate_key(c), c, shape_of(space, vocab, c["n_heads"], c["n_layers"])) for c in space.candidates()]
+    cands = planner_candidates(space, vocab)
     choice = {}
     for minutes, seconds in TRAIN_S.items():
         for tag, lw in (("default", default), ("refit", law)):
