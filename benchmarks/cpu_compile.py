@@ -25,8 +25,9 @@ SHAPES = {"d64-L2": {"n_heads": 1, "n_layers": 2}, "d128-L2": {"n_heads": 2, "n_
           "d128-L4": {"n_heads": 2, "n_layers": 4}}
 
 
-def measure(shape: dict, compiled: bool, seconds: float) -> dict:
-    """Train one shape for `seconds` in this process; steady tokens/s and compile time."""
+def measure(shape: dict, compiled: bool, seconds: float, precision: str | None = None) -> dict:
+    """Train one shape for `seconds` in this process; steady tokens/s and compile time
+    (`precision`: the space's by default)."""
     from pipeline.autotune.space import load_space, to_run_config
     from pipeline.data import DataSettings, prepare
     from pipeline.train.engine import Trainer
@@ -36,13 +37,15 @@ def measure(shape: dict, compiled: bool, seconds: float) -> dict:
     data = prepare(DataSettings(), log=lambda *_: None)
     cfg = to_run_config({k: v[0] for k, v in space.choices.items()} | shape, space, data.vocab_size)
     cfg.train.compile = compiled
+    cfg.train.precision = precision or cfg.train.precision
     res = Trainer(cfg, data, Budget(seconds=seconds), trial=True, progress=False, log=lambda *_: None).run()
-    return {"tokens_per_s": res.tokens_per_s, "compile_s": res.compile_s, "steps": res.steps}
+    return {"tokens_per_s": res.tokens_per_s, "compile_s": res.compile_s, "steps": res.steps,
+            "compute_dtype": res.compute_dtype}
 
 
-def _in_fresh_process(shape: dict, compiled: bool, seconds: float) -> dict:
+def in_fresh_process(shape: dict, compiled: bool, seconds: float, precision: str | None = None) -> dict:
     code = (f"import json; from benchmarks.cpu_compile import measure; "
-            f"print(json.dumps(measure({shape!r}, {compiled}, {seconds})))")
+            f"print(json.dumps(measure({shape!r}, {compiled}, {seconds}, {precision!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,7 +56,7 @@ def run(seconds: float = 20.0, pairs: int = 3):
         runs = {False: [], True: []}
         for i in range(pairs):
             for compiled in ((False, True) if i % 2 == 0 else (True, False)):
-                runs[compiled].append(_in_fresh_process(shape, compiled, seconds))
+                runs[compiled].append(in_fresh_process(shape, compiled, seconds))
         eager = [r["tokens_per_s"] for r in runs[False]]
         comp = [r["tokens_per_s"] for r in runs[True]]
         rows.append({"model": name, "eager_tokens_per_s": round(statistics.median(eager)),

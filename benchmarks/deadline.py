@@ -24,11 +24,12 @@ def _timed(cmd: list[str]) -> tuple[float, str]:
 def _quality_autotune_rows() -> list[dict]:
     """The quality benchmark's autotune runs are timed the same way (start to exit): their
     adherence is reported here too rather than paying for the same 10-minute run twice."""
-    from benchmarks.quality import COMPARISONS, _arms_file, arm_name
+    from benchmarks.quality import BF16, _arms_file, all_comparisons, arm_name
 
     rows = []
-    for compiled, name in COMPARISONS.items():
+    for name, compiled in all_comparisons().items():
         label = "quality benchmark, all compiled" if compiled else "quality benchmark"
+        label += ", bf16" if name.endswith(BF16) else ""
         path = _arms_file(name)
         arms = json.loads(path.read_text()) if path.is_file() else {}
         rows += [{"command": f"pipeline.autotune --minutes {m} ({label}, {key})", "budget_s": float(m) * 60,

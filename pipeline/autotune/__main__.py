@@ -475,7 +475,8 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     except Interrupted:
         raise KeyboardInterrupt from None
     pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
-                          "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"]})
+                          "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"],
+                          "compute_dtype": result.get("compute_dtype", "fp32")})
     return cfg, result, run_id
 
 
@@ -510,7 +511,8 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
     eager_note = " (eager trials; the run compiled)" if cfg.train.compile and not chosen["compile"] else ""
     console.print(
         f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
-        f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params)\n"
+        f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params, "
+        f"{result.get('compute_dtype', 'fp32')} compute)\n"
         f"  tokens/s   predicted {planned.predicted_tps:,.0f}{eager_note}, achieved {result['tokens_per_s']:,.0f}\n"
         f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens\n"
         f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"

@@ -1,0 +1,41 @@
+"""bf16 autocast on a CPU: the CPU space's `precision: [auto]`, which is bf16 where the CPU
+multiplies bf16 in hardware (AVX512-BF16 or AMX) and fp32 elsewhere.
+
+Each measurement is a fresh process training one shape of the CPU space alone with the engine's
+own step, as `cpu_compile` measures (its `in_fresh_process`): fp32 and bf16 alternate, F B B F …,
+so that the machine's drift falls on both; eager as the trials run, compiled as the full run
+does. Weights, optimizer state and the loss are fp32 in both; only the autocast region differs.
+What it buys in bpb at equal tokens and at equal time is in benchmarks/notes/cpu_precision.md."""
+from __future__ import annotations
+
+import statistics
+
+from benchmarks.common import save
+from benchmarks.cpu_compile import in_fresh_process
+
+SHAPES = {"d128-L2": {"n_heads": 2, "n_layers": 2}, "d128-L4": {"n_heads": 2, "n_layers": 4},
+          "d192-L3": {"n_heads": 3, "n_layers": 3}}
+
+
+def run(seconds: float = 20.0, pairs: int = 2):
+    from pipeline.train.engine import cpu_has_native_bf16
+
+    rows = []
+    for name, shape in SHAPES.items():
+        for compiled in (False, True):
+            runs = {"fp32": [], "bf16": []}
+            for i in range(pairs):
+                for precision in (("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32")):
+                    r = in_fresh_process(shape, compiled, seconds, precision)
+                    assert r["compute_dtype"] == precision, r  # the run did use the precision asked for
+                    runs[precision].append(r["tokens_per_s"])
+            fp32, bf16 = statistics.median(runs["fp32"]), statistics.median(runs["bf16"])
+            rows.append({"model": name, "step": "compiled" if compiled else "eager",
+                         "fp32_tokens_per_s": round(fp32), "bf16_tokens_per_s": round(bf16),
+                         "speedup": round(bf16 / fp32, 3),
+                         "per_pair": ", ".join(f"{b / f:.2f}" for f, b in zip(runs["fp32"], runs["bf16"]))})
+    native = "native bf16" if cpu_has_native_bf16() else "no native bf16: auto trains fp32 here"
+    summary = f"bf16/fp32 training tokens/s ({native}), each alone in a fresh process: " + ", ".join(
+        f"{r['model']} {r['step']} {r['speedup']:.2f}×" for r in rows)
+    return save("cpu_precision", rows, summary, "— (evidence for the CPU space's precision: auto)", None,
+                "python -m benchmarks run cpu_precision")
