@@ -18,7 +18,7 @@ SHAPES = {"d128-L2": {"n_heads": 2, "n_layers": 2}, "d128-L4": {"n_heads": 2, "n
 
 
 def run(seconds: float = 20.0, pairs: int = 2):
-    from pipeline.train.engine import cpu_has_native_bf16
+    from pipeline.hardware import cpu_has_native_bf16
 
     rows = []
     for name, shape in SHAPES.items():

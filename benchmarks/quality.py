@@ -158,7 +158,7 @@ def comparison(compiled: bool) -> str:
     """The comparison a run on this machine belongs to: the precision `auto` resolves to here."""
     import torch
 
-    from pipeline.train.engine import cpu_has_native_bf16
+    from pipeline.hardware import cpu_has_native_bf16
 
     bf16 = not torch.cuda.is_available() and cpu_has_native_bf16()
     return COMPARISONS[compiled] + (BF16 if bf16 else "")

@@ -53,7 +53,7 @@ def run(rounds: int = 8):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the engine sets it
-    from pipeline.train.engine import cpu_has_native_bf16
+    from pipeline.hardware import cpu_has_native_bf16
 
     precisions = ["bf16"] if device == "cuda" else ["fp32"] + (["bf16"] if cpu_has_native_bf16() else [])
     rows = []

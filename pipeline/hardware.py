@@ -31,6 +31,7 @@ class Hardware:
     cpu_name: str = ""
     cpu_cores: int = 1
     ram_bytes: int = 0
+    cpu_bf16: bool = False           # bf16 in hardware: `train.precision: auto` is bf16 autocast on this CPU
     python: str = platform.python_version()
 
     @property
@@ -40,6 +41,14 @@ class Hardware:
     @property
     def name(self) -> str:
         return self.gpus[0].name if self.gpus else f"{self.cpu_name or 'CPU'} ({self.cpu_cores} cores)"
+
+    @property
+    def auto_precision(self) -> str:
+        """What `train.precision: auto` computes in here (the engine's `autocast_dtype`), for the logs."""
+        if self.gpus:
+            cc = self.gpus[0].compute_capability
+            return "fp16" if cc is not None and cc[0] < 8 else "bf16"  # bf16 from Ampere (8.0) on
+        return "bf16" if self.cpu_bf16 else "fp32"
 
     @property
     def memory_bytes(self) -> int:
@@ -86,6 +95,17 @@ def nvml_gpus() -> list[GPU]:
         pynvml.nvmlShutdown()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, as PyTorch's cpuinfo
+    reports). There oneDNN's bf16 matmuls ran 2.5-3.4x the fp32 rate on a 2-core EPYC (Zen 4)
+    and the engine's step 1.3-1.7x (benchmarks/notes/cpu_precision.md); elsewhere bf16 is
+    converted in software, not measured here, so `auto` stays fp32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the guard
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -109,7 +129,7 @@ def probe() -> Hardware:
     gpus = nvml_gpus() if torch.cuda.is_available() else []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return Hardware(kind="cuda" if gpus else "cpu", gpus=gpus, cpu_name=_cpu_name(),
-                    cpu_cores=cores, ram_bytes=_ram_bytes())
+                    cpu_cores=cores, ram_bytes=_ram_bytes(), cpu_bf16=cpu_has_native_bf16())
 
 
 def system_checks(folders: list[Path], min_free_bytes: int = 1 << 30) -> list[str]:

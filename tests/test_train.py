@@ -199,6 +199,12 @@ def test_cpu_precision_follows_the_hardware_unless_forced(monkeypatch):
         assert engine.autocast_dtype("fp32", cpu) is None
         assert engine.autocast_dtype("bf16", cpu) == torch.bfloat16  # asked for: emulated if need be
         assert engine.autocast_dtype("fp16", cpu) is None            # no fast CPU path: fp32
+    # what the autotune log says `auto` means, from the probe's plain data
+    from pipeline.hardware import GPU, Hardware
+
+    assert Hardware("cpu", cpu_bf16=True).auto_precision == "bf16" and Hardware("cpu").auto_precision == "fp32"
+    assert Hardware("cuda", gpus=[GPU("NVIDIA H100", 80 << 30, (9, 0))]).auto_precision == "bf16"
+    assert Hardware("cuda", gpus=[GPU("Tesla T4", 16 << 30, (7, 5))]).auto_precision == "fp16"
 
 
 def test_a_bf16_cpu_run_learns_keeps_fp32_weights_and_says_so(tiny_data, tmp_path):

@@ -178,7 +178,7 @@ def probe(pipe: Pipeline, args):
     if problems:
         raise UserError("; ".join(problems))
     space = load_space(args.space or default_space_path(hw.kind))
-    log(f"[bold]hardware[/]: {hw.name}, {hw.memory_bytes / 2**30:.0f} GiB; space [bold]{space.name}[/] "
+    log(f"[bold]hardware[/]: {hw.name}, {hw.memory_bytes / 2**30:.0f} GiB, precision auto = {hw.auto_precision}; space [bold]{space.name}[/] "
         f"({len(space)} candidates); budget {pipe.budget_s / 60:.1f} min")
     if not pipe.done("probe"):
         pipe.finish("probe", {"hardware": hw.to_dict(), "space": space.path})

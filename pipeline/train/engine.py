@@ -27,6 +27,7 @@ from model.llama import Transformer
 from pipeline.data.cache import PreparedData, bits_per_byte
 from pipeline.data.loader import BatchLoader, check_window, eval_batches
 from pipeline.errors import UserError
+from pipeline.hardware import cpu_has_native_bf16
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import RunConfig
 from pipeline.train.schedule import Budget, lr_multiplier
@@ -76,15 +77,6 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There oneDNN's bf16
-    matmuls ran 2.5-3.4x the fp32 rate on a 2-core EPYC (Zen 4); elsewhere bf16 is emulated
-    and slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
