@@ -5,7 +5,9 @@ Each measurement is a fresh process training one shape of the CPU space alone, a
 does, with the engine's own step (8k-token batches from micro-batch 4, accumulation, clipping,
 AdamW) for `seconds`; its compile and warm-up steps are inside them and left out of the rate.
 Eager and compiled alternate, E C C E E C …, so that the machine's drift over minutes falls on
-both. The compile time is the compiled run's first step over its median step.
+both. The compile time is the compiled run's first step over its median step. Both train at the
+CPU space's precision (`auto`: bf16 autocast where the CPU has it, session 16); the stored
+figures are from session 11, in fp32.
 
 Why fresh processes rather than steps interleaved in one process (as `speed_vs_hf` and the
 finalists are): the full run trains one model alone in its own process. A first version

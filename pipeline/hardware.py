@@ -97,9 +97,9 @@ def nvml_gpus() -> list[GPU]:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, as PyTorch's cpuinfo
-    reports). There oneDNN's bf16 matmuls ran 2.5-3.4x the fp32 rate on a 2-core EPYC (Zen 4)
-    and the engine's step 1.3-1.7x (benchmarks/notes/cpu_precision.md); elsewhere bf16 is
-    converted in software, not measured here, so `auto` stays fp32."""
+    reports). There oneDNN's bf16 matmuls ran 2.0-3.4x the fp32 rate on a 2-core EPYC (Zen 4),
+    and the engine's step 1.2-1.3x eager, 1.5-1.75x compiled (benchmarks/notes/cpu_precision.md);
+    elsewhere bf16 is converted in software, not measured here, so `auto` stays fp32."""
     import torch
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the guard
