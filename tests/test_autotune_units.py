@@ -373,6 +373,34 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     assert run_candidate(other, ctx)["steps"] == 0
 
 
+def test_a_trial_without_a_reading_never_sets_the_rate_others_are_screened_at(tiny_data, tmp_path, monkeypatch):
+    # (session 17, H200: a compiled trial's one 19-s step read 5% of the real rate, and every
+    # later candidate was skipped as too slow at that rate; autotune ended with no plan)
+    from pipeline.autotune.__main__ import no_reading_error
+    from pipeline.autotune.calibrate import TrialRecord, answer_without_running, run_candidate
+    from pipeline.autotune.space import load_space
+    from pipeline.train import engine
+
+    class OneStep(engine.Trainer):  # a window that ends after one step: no reading
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "stop_after_steps": 1})
+
+    monkeypatch.setattr(engine, "Trainer", OneStep)
+    space = load_space(SPACES_DIR / "cpu-tiny.yaml")
+    rates = tmp_path / "rates.jsonl"
+    ctx = _ctx(space, tiny_data, rates)
+    cand = {k: v[0] for k, v in space.choices.items()}
+    slow = run_candidate(cand, ctx)
+    assert slow["status"] == "too_slow" and slow["steps"] >= 1
+    assert json.loads(rates.read_text().splitlines()[0])["flops_per_s"] is None
+    other = {**cand, "n_layers": space.choices["n_layers"][-1]}
+    assert answer_without_running(other, ctx) is None           # still measured, not skipped
+    assert answer_without_running(cand, ctx)["repeat"]           # the repeat is still answered
+    records = [TrialRecord(key=str(i), candidate=cand, status="too_slow") for i in range(3)]
+    assert "too slow for 3s trials" in no_reading_error(records, 3.0)
+    assert "smaller --space" in no_reading_error([TrialRecord(key="a", candidate=cand, status="oom")], 3.0)
+
+
 def _ctx(space, data, trials_log):
     return {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
             "data_folder": str(data.folder), "window_s": 4.0, "max_steps": 3, "full_seconds": 600,

@@ -283,9 +283,19 @@ def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp:
     log(f"{len(records)} trials: {len(ok)} ok, {len(oom)} out of memory, "
         f"{len(records) - len(ok) - len(oom)} other")
     if not ok:
-        raise UserError("no calibration trial succeeded (see the MLflow trial runs); the space's "
-                        "smallest model may not fit this machine: try a smaller --space")
+        raise UserError(no_reading_error(records, ctx["window_s"]))
     return records
+
+
+def no_reading_error(records: list, window_s: float) -> str:
+    """Why calibration has nothing to fit, and what to change: the commonest cause named."""
+    slow = sum(r.status == "too_slow" for r in records)
+    if records and slow >= sum(r.status in ("oom", "error") for r in records):
+        return (f"no calibration trial completed a reading ({slow} of {len(records)} too slow for "
+                f"{window_s:.0f}s trials; see the MLflow trial runs): give a longer budget or a --space "
+                "with smaller models")
+    return ("no calibration trial succeeded (see the MLflow trial runs); the space's smallest model "
+            "may not fit this machine: try a smaller --space")
 
 
 def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent,

@@ -183,8 +183,11 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     if out["status"] in ("ok", "too_slow") and out["tokens_per_s"] > 0:
         out[OBJECTIVE] = _objective(cfg, out["tokens_per_s"], ctx)
     if out["steps"] > 0 or out["status"] == "oom":  # a measurement (not a skip): kept for repeats
+        # Only a reading sets the rate later candidates are screened at: a trial with too few
+        # steps reads its warm-up, and at 5% of the real rate it once ruled out every other
+        # candidate of a GPU study as too slow (session 17).
         _record(ctx.get("trials_log"), candidate_key(cand),
-                out["tokens_per_s"] * flops if out["tokens_per_s"] > 0 else None, out)
+                out["tokens_per_s"] * flops if out["status"] == "ok" and out["tokens_per_s"] > 0 else None, out)
     out["wall_s"] = time.monotonic() - started
     return out
 
