@@ -78,6 +78,32 @@ def test_on_a_small_corpus_the_chosen_model_still_grows_with_time():
     assert short.epochs > 4 and hour.epochs > 4  # still data-constrained: epochs, not fresh tokens
 
 
+def test_on_a_fast_machine_and_little_data_the_plan_stops_at_the_useful_tokens_with_the_smallest_such_model():
+    # an H200 on the embedded corpus (session 17): every candidate could train 100+ epochs, the law
+    # then ranked them by 0.001% of loss, and a 55M model trained 121 epochs to 2.96 bpb
+    from pipeline.autotune.plan import why
+    from pipeline.autotune.report import plan_text
+
+    law, unique = ScalingLaw(), 1.33e6
+    cands = grid_shapes(widths=(256, 384, 512, 1024), depths=(4, 8, 12))
+    rows = plan(cands, FlopRate(3e14), NoMemory(), 540, unique_tokens=unique)
+    best = rows[0]
+    assert best.tokens == pytest.approx(law.useful_tokens(unique)) and 12 < best.epochs < 13
+    assert best.params == min(r.params for r in rows)         # the tie goes to the smaller model
+    assert all(r.tokens <= law.useful_tokens(unique) * (1 + 1e-9) for r in rows)
+    assert "data-limited" in why(best, rows)
+    # with plenty of data the time binds and the choice grows with it
+    fresh = plan(cands, FlopRate(3e14), NoMemory(), 540, unique_tokens=1e12)[0]
+    assert fresh.params > best.params and fresh.tokens > 10 * best.tokens
+    assert "data-limited" not in why(fresh, rows)
+    # the plan table always shows the chosen row, marked, even outside the top rows
+    from dataclasses import replace
+    named = [replace(r, candidate={"n_heads": r.candidate["d"] // 64, "head_dim": 64, "n_layers": r.candidate["L"],
+                                   "kv_ratio": 1, "seq_len": 256, "micro_batch": 8}) for r in rows]
+    text = plan_text(named, top=3, chosen=named[11])
+    assert "*12" in text and f"L{named[11].candidate['n_layers']} " in text and "*1 " not in text
+
+
 def test_effective_parameters_saturate_beyond_what_the_data_can_train():
     law = ScalingLaw()
     u = 1e9
@@ -87,8 +113,10 @@ def test_effective_parameters_saturate_beyond_what_the_data_can_train():
     assert effective_params(0.5 * useful, useful, r) == 0.5 * useful
     assert effective_params(3 * useful, useful, r) == pytest.approx(useful * (1 + r * (1 - math.exp(-2 / r))))
     assert effective_params(1000 * useful, useful, r) < (1.01 + r) * useful  # never more than (1 + R_N*) × U_N
-    # a larger model is always worth a little more, however far past U_N it is
-    assert effective_params(1000 * useful, useful, r) > effective_params(100 * useful, useful, r)
+    # a larger model is worth a little more, until the law's returns are spent (within 2% of the
+    # ceiling); past that, candidates tie and the planner takes the smaller
+    assert effective_params(20 * useful, useful, r) > effective_params(10 * useful, useful, r)
+    assert effective_params(1000 * useful, useful, r) == effective_params(100 * useful, useful, r)
     # without a data limit the law is the plain Chinchilla form
     assert law.loss(1e8, 1e10) == pytest.approx(law.E + law.A / 1e8 ** law.alpha + law.B / 1e10 ** law.beta)
 
@@ -333,6 +361,20 @@ def test_the_full_run_compiles_where_the_space_says_and_trials_do_not(tmp_path):
     plain = load_space(SPACES_DIR / "cpu-tiny.yaml")
     assert not full_run_config(plain.candidates()[0], plain, 512).train.compile
     assert load_space(SPACES_DIR / "cpu.yaml").rules["compile_full_run"] is True
+
+
+def test_a_short_full_run_gets_a_smaller_batch_not_a_handful_of_steps():
+    from pipeline.autotune.space import MIN_STEPS, full_run_config
+
+    space = load_space(SPACES_DIR / "gpu.yaml")
+    cand = space.candidates()[0]
+    big = full_run_config(cand, space, 4096, tokens=1e10).train       # plenty of steps: as the space says
+    assert big.batch_tokens == space.rules["batch_tokens"]
+    small = full_run_config(cand, space, 4096, tokens=16.8e6).train   # the embedded corpus's useful tokens
+    assert 16.8e6 / small.batch_tokens >= MIN_STEPS > 16.8e6 / (2 * small.batch_tokens)
+    assert small.lr == pytest.approx(big.lr * (small.batch_tokens / big.batch_tokens) ** 0.5)
+    tiny = full_run_config(cand, space, 4096, tokens=1e3).train       # never below one micro-batch
+    assert tiny.batch_tokens == cand["micro_batch"] * cand["seq_len"]
 
 
 def test_scaling_law_prefers_more_of_both():

@@ -103,6 +103,30 @@ def test_a_trial_times_its_first_step_apart_so_a_slow_compile_leaves_a_reading(t
     assert res.compile_s >= 1.9 and res.step_time_s < 0.5
     assert time.monotonic() - started < 2.0 + 2 * 0.5 + 1.0  # twice the window at most, after the compile
 
+def test_a_deadline_with_a_token_cap_ends_at_whichever_comes_first(tiny_data):
+    # autotune's run on little data: the most tokens worth training, or the deadline
+    def run(seconds, tokens):
+        now, lrs = [0.0], []
+
+        def tick(trainer, loss):  # every micro-step "takes" 1 second of fake time
+            now[0] += 1.0
+            lrs.append(trainer.optimizer.param_groups[0]["lr"])
+            return loss
+
+        res = make(tiny_data, Budget(seconds=seconds, tokens=tokens, clock=lambda: now[0]), trial=True,
+                   loss_hook=tick).run()
+        return res, now[0], lrs
+
+    step_tokens = make(tiny_data, Budget(tokens=1)).tokens_per_step
+    res, t, lrs = run(1000.0, 20 * step_tokens)
+    assert res.stopped == "tokens" and res.tokens == 20 * step_tokens and t < 100.0
+    assert lrs[-1] < 0.1 * max(lrs)                 # the schedule followed the tokens: it decayed
+    res, t, lrs = run(20.0, 10_000 * step_tokens)
+    assert res.stopped == "deadline" and t <= 20.0 + 4.0 and lrs[-1] < 0.2 * max(lrs)
+    with pytest.raises(ValueError):
+        Budget()
+
+
 def test_warmup_starts_at_the_first_step_not_at_process_start(tiny_data, tmp_path):
     # 30 s of start-up (imports, data, MLflow) are inside the deadline; the warmup (10% of the
     # training window) must still happen, or the first steps run at full rate from cold weights.

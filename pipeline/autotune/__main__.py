@@ -244,9 +244,9 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
         planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent, finals_s)
     # Ray is shut down here: the full run gets every core and all the memory.
     best, rows = planned.best, planned.rows
-    console.print(plan_table(rows))
+    console.print(plan_table(rows, chosen=best))
     log(f"[bold]chosen[/]: {short(best.candidate)} — {planned.reason}")
-    (pipe.run_dir / "plan.txt").write_text(plan_text(rows) + f"\nchosen: {short(best.candidate)}\n{planned.reason}\n")
+    (pipe.run_dir / "plan.txt").write_text(plan_text(rows, chosen=best) + f"\nchosen: {short(best.candidate)}\n{planned.reason}\n")
     if not pipe.done("plan"):
         parent.log_artifact(pipe.run_dir / "plan.json")
         parent.log_artifact(pipe.run_dir / "plan.txt")
@@ -285,6 +285,13 @@ def calibrate_stage(pipe: Pipeline, args, space, ctx: dict, calib_s: float, exp:
     if not ok:
         raise UserError(no_reading_error(records, ctx["window_s"]))
     return records
+
+
+def registration_reserve(params: float) -> float:
+    """Seconds kept back after the full run: registration (log and validate-load the pyfunc:
+    1.4-1.8 s on 2 CPU cores under 1M parameters, 3.8 s for 55M on an H200; bigger models take
+    longer to write and load), plots and the summary. (8 s flat: 10-minute CPU runs ended ~9 s early.)"""
+    return 3.0 + 3 * 4 * params / 2e8
 
 
 def no_reading_error(records: list, window_s: float) -> str:
@@ -341,10 +348,11 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         return planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings}) | finalist_rates
 
     measured = rates_for_measured()
-    # registration (log + validate-load the pyfunc: 1.4-1.8 s on 2 CPU cores for sub-1M-parameter
-    # models, more for big ones, which take longer to write and load) + plots and summary; with
-    # 8 s here, the 10-minute runs ended ~9 s early
-    reg_reserve = 3.0 + 3 * 4 * max(law_params(c[2]) for c in cands) / 2e8
+    # The registration reserve follows the choice: planned first for the smallest candidate, and
+    # redone below for the chosen one (sized for the space's largest, a GPU space's 2.7B
+    # parameters kept 165 s of a 10-minute budget and the first H200 run ended at 73%, session 17).
+    sizes = {c[0]: law_params(c[2]) for c in cands}
+    reg_reserve = registration_reserve(min(sizes.values()))
 
     def train_seconds():
         return pipe.left() - reg_reserve
@@ -357,6 +365,11 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                         f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
                         f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
     best = rows[0]
+    if registration_reserve(best.params) > reg_reserve:
+        reg_reserve = registration_reserve(best.params)
+        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
+                    measured=measured)
+        best = rows[0]
     finals = contenders(rows, ScalingLaw().E) if finals_s > 0 and not pipe.done("plan") else []
     if len(finals) >= 2:
         # what is left of the finalists' share after the fit and the plan
@@ -432,6 +445,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                     memory_limit=limit, measured={k: v * factor for k, v in measured.items()},
                     workers=workers)
         best = rows[0]
+    reg_reserve = max(reg_reserve, registration_reserve(best.params))
     planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=tput.tokens_per_s(shape(best.candidate)),
                    reg_reserve=reg_reserve, fit_points=list(zip(tps, loo_pred)))
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
@@ -445,6 +459,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
 # 6. train -----------------------------------------------------------------------------------
 def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     """The full run to the deadline (resumed from its checkpoint after an interruption)."""
+    from pipeline.autotune.plan import ScalingLaw
     from pipeline.autotune.report import short
     from pipeline.autotune.space import full_run_config
     from pipeline.train.config import apply_overrides
@@ -453,32 +468,40 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     from pipeline.train.schedule import Budget
 
     chosen = pipe.state["stages"]["plan"]["chosen"]
-    cfg = full_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed)
+    cfg = full_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed,
+                          tokens=planned.best.tokens)
     cfg.train.parallel = pipe.state["stages"]["plan"].get("parallel", "ddp")
     cfg = apply_overrides(cfg, args.set)
     full_dir = pipe.run_dir / "full"
     resume_full = (full_dir / "checkpoints").is_dir() and any((full_dir / "checkpoints").glob("step-*"))
     seconds = pipe.left() - planned.reg_reserve
+    # On little data the run stops at the most tokens worth training, before the deadline if it
+    # comes to that (the plan counted no more: `ScalingLaw.useful_tokens`)
+    cap = int(ScalingLaw().useful_tokens(data.unique_train_tokens))
     if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):
             raise UserError("not launched; rerun with --resume to continue from the plan")
     workers = pipe.state.get("workers", 1)
-    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}" + (f" on {workers} workers" if workers > 1 else ""))
+    limited = planned.best.tokens >= 0.999 * cap
+    log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}" + (f" on {workers} workers" if workers > 1 else "")
+        + (f", or until {cap / 1e6:,.1f}M tokens ({cap / data.unique_train_tokens:.1f} epochs): the data, not the "
+           "time, limits this run; more data (--data) would use the rest" if limited else ""))
     try:
         if workers > 1:
-            result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent.id, len(hw.gpus))
+            result, run_id = _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, cap, parent.id,
+                                                  len(hw.gpus))
         elif resume_full:
             cfg, st = load_resume(full_dir, None)
             # The run's own budget would restart the clock at its last checkpoint, so the time
             # lost since then and this process's start-up would overrun the pipeline's deadline
             # (by ~10 s in a 4-minute test): the resumed run ends where the pipeline must.
-            res, run_id = train_run(cfg, Budget(seconds=st["elapsed_s"] + seconds), full_dir, resume=True,
+            res, run_id = train_run(cfg, Budget(seconds=st["elapsed_s"] + seconds, tokens=cap), full_dir, resume=True,
                                     mlflow_uri=args.mlflow_uri, run_id=st.get("mlflow_run_id"),
                                     data=data, log=log)
             result = result_dict(res)
         else:
-            res, run_id = train_run(cfg, Budget(seconds=seconds), full_dir, mlflow_uri=args.mlflow_uri,
+            res, run_id = train_run(cfg, Budget(seconds=seconds, tokens=cap), full_dir, mlflow_uri=args.mlflow_uri,
                                     parent_run_id=parent.id, data=data, log=log,
                                     tags={"pufferfish.autotune_run": parent.id})
             result = result_dict(res)
@@ -524,8 +547,10 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
         f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params, "
         f"{result.get('compute_dtype', 'fp32')} compute)\n"
         f"  tokens/s   predicted {planned.predicted_tps:,.0f}{eager_note}, achieved {result['tokens_per_s']:,.0f}\n"
-        f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens\n"
-        f"  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
+        f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens"
+        + (f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: data-limited, ended early)"
+           if result.get("stopped") == "tokens" else "") + "\n"
+        "  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"
         f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"
         f"  generate   python -m pipeline.generate --model models:/{reg.name}@champion --prompt \"The\"")
@@ -547,7 +572,7 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
 
 
-def _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent_id, n_gpus):
+def _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, cap, parent_id, n_gpus):
     """The full run on Ray Train workers; resuming shifts the window by the time spent stopped."""
     from pipeline.autotune.calibrate import ray_session
     from pipeline.train import checkpoint as ckpt
@@ -560,7 +585,7 @@ def _train_data_parallel(pipe, args, cfg, data, full_dir, seconds, parent_id, n_
         seconds, start = st["budget_seconds"], time.time() - st["elapsed_s"]
     with ray_session(args.address, os.cpu_count() or 1, n_gpus, log=log):
         return train_distributed(cfg, data, full_dir, pipe.state["workers"], n_gpus > 0, seconds=seconds,
-                                 start_epoch=start, mlflow_uri=args.mlflow_uri, parent_run_id=parent_id, log=log)
+                                 tokens=cap, start_epoch=start, mlflow_uri=args.mlflow_uri, parent_run_id=parent_id, log=log)
 
 
 def _log_trials(records, experiment_id: str, parent_id: str) -> None:

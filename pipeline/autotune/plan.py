@@ -59,6 +59,14 @@ class ScalingLaw:
             n = effective_params(n_params, self.optimal_params(unique_tokens), self.r_star_params)
         return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
+    def useful_tokens(self, unique_tokens: float) -> float:
+        """The most tokens worth training on `unique_tokens` of data: where D' is within
+        1/SATURATION of its ceiling (12.7 epochs at R_D* = 3). Past it the law still credits a
+        sliver, but in runs repeats hurt: on 2 CPU cores d192-L3 reached 1.4852 bpb at 10 epochs of
+        the embedded corpus and 1.4919 at 14.6; on an H200 a 55M model's val bpb rose from 1.90 to
+        2.96 between 94 and 300 epochs (session 17). The plan and the full run stop here."""
+        return unique_tokens * (1.0 + self.r_star * math.log(SATURATION))
+
     def optimal_params(self, tokens: float) -> float:
         """The N whose compute-optimal allocation under this law trains on exactly `tokens`:
         with G = (αA / βB)^(1/(α+β)), N_opt = G·(C/6)^(β/(α+β)) and D_opt = (C/6)^(α/(α+β)) / G,
@@ -67,12 +75,24 @@ class ScalingLaw:
         return g * (g * tokens) ** (self.beta / self.alpha)
 
 
+# Where the data-constrained law's returns count as spent: within 1/SATURATION of the ceiling.
+# Beyond it, more repeats or more parameters the data cannot feed are worth nothing here (the law's
+# last 2% are below its accuracy, and real runs overfit there), so candidates past it tie exactly
+# and the smaller, quicker one wins: on an H200 the embedded corpus once let a 55M model "win" by
+# 0.001% of predicted loss and train 121 epochs (session 17).
+SATURATION = 50.0
+
+
+def _saturating(base: float, r: float, r_star: float) -> float:
+    """base·(1 + R*·(1 − exp(−R/R*))), flat once exp(−R/R*) ≤ 1/SATURATION."""
+    return base * (1.0 + r_star * (1.0 - max(math.exp(-r / r_star), 1.0 / SATURATION)))
+
+
 def effective_tokens(tokens: float, unique: float, r_star: float = 15.4) -> float:
     """D' = U + U·R*·(1 − exp(−R/R*)), R = D/U − 1 repetitions: repeated data is worth less."""
     if tokens <= unique:
         return tokens
-    r = tokens / unique - 1.0
-    return unique + unique * r_star * (1.0 - math.exp(-r / r_star))
+    return _saturating(unique, tokens / unique - 1.0, r_star)
 
 
 def effective_params(n_params: float, useful: float, r_star: float) -> float:
@@ -80,8 +100,7 @@ def effective_params(n_params: float, useful: float, r_star: float) -> float:
     R_N = N/U_N − 1: parameters the unique data cannot feed add less and less."""
     if n_params <= useful:
         return n_params
-    r = n_params / useful - 1.0
-    return useful + useful * r_star * (1.0 - math.exp(-r / r_star))
+    return _saturating(useful, n_params / useful - 1.0, r_star)
 
 
 def law_params(shape: Shape) -> int:
@@ -124,6 +143,8 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
     measured tokens/s, which replaces the model's prediction for those candidates. With several
     `workers`, a candidate whose replica does not fit may still fit sharded (FSDP)."""
     measured = measured or {}
+    # with little data the run stops early, at the most tokens worth training (`useful_tokens`)
+    cap = law.useful_tokens(unique_tokens) if unique_tokens else math.inf
     rows = []
     for key, cand, shape in candidates:
         tps = measured.get(key) or throughput.tokens_per_s(shape)
@@ -131,14 +152,15 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
         if mem > memory_limit and workers > 1:
             mem, parallel = memory.bytes(shape, shards=workers), "fsdp"
         n = law_params(shape)
-        tokens = max(0.0, tps * seconds)
+        tokens = min(max(0.0, tps * seconds), cap)
         feasible = mem <= memory_limit and tokens >= 1
         rows.append(PlanRow(key=key, candidate=cand, params=n, tokens_per_s=tps, memory_bytes=mem,
                             feasible=feasible, tokens=tokens, tokens_per_param=tokens / n,
                             epochs=tokens / unique_tokens if unique_tokens else math.nan,
                             predicted_loss=law.loss(n, tokens, unique_tokens) if feasible else math.inf,
                             measured=key in measured, parallel=parallel))
-    rows.sort(key=lambda r: (not r.feasible, r.predicted_loss, r.params))
+    # ties (past the law's saturation): the smaller model, then the faster one
+    rows.sort(key=lambda r: (not r.feasible, r.predicted_loss, r.params, -r.tokens_per_s))
     return rows
 
 
@@ -177,13 +199,16 @@ def measured_instead(rows: list[PlanRow], rows_after_measuring: list[PlanRow]) -
     return next((r for r in rows if r.measured and r.feasible and r.predicted_loss <= after), None)
 
 
-def why(best: PlanRow, rows: list[PlanRow]) -> str:
+def why(best: PlanRow, rows: list[PlanRow], law: ScalingLaw = ScalingLaw()) -> str:
     """One sentence on why the winner won against its neighbours in size."""
     feasible = [r for r in rows if r.feasible]
     bigger = [r for r in feasible if r.params > best.params]
     smaller = [r for r in feasible if r.params < best.params]
     parts = [f"{best.params / 1e6:.2f}M params × {best.tokens / 1e6:.1f}M tokens "
              f"({best.tokens_per_param:.1f} tokens/param, {best.epochs:.2f} epochs)"]
+    if best.epochs >= 0.999 * law.useful_tokens(1.0):
+        parts.append("data-limited: more epochs or a larger model would not lower the predicted loss, "
+                     "so the run stops early; more data (--data) would use the time")
     if bigger:
         b = min(bigger, key=lambda r: r.predicted_loss)
         parts.append(f"the best larger model ({b.params / 1e6:.2f}M) would see only "

@@ -20,23 +20,30 @@ def short(cand: dict) -> str:
     return s
 
 
-def plan_table(rows: list[PlanRow], top: int = 10) -> Table:
+def plan_table(rows: list[PlanRow], top: int = 10, chosen: PlanRow | None = None) -> Table:
+    """The best `top` feasible rows, and the chosen one (marked *) wherever it ranks: a measured
+    candidate as good as an unmeasured favourite is chosen over it (`measured_instead`)."""
     t = Table(title="Best candidates (predicted)")
     for col in ("#", "config", "params", "tokens", "tok/param", "epochs", "tok/s", "memory", "loss", "measured"):
         t.add_column(col, justify="right" if col not in ("config",) else "left")
-    for i, r in enumerate([r for r in rows if r.feasible][:top]):
-        t.add_row(str(i + 1), short(r.candidate), f"{r.params / 1e6:.2f}M", f"{r.tokens / 1e6:.1f}M",
+    feasible = [r for r in rows if r.feasible]
+    shown = list(enumerate(feasible[:top]))
+    if chosen is not None and all(r.key != chosen.key for _, r in shown):
+        shown += [(i, r) for i, r in enumerate(feasible) if r.key == chosen.key]
+    for i, r in shown:
+        mark = "*" if chosen is not None and r.key == chosen.key else ""
+        t.add_row(f"{mark}{i + 1}", short(r.candidate), f"{r.params / 1e6:.2f}M", f"{r.tokens / 1e6:.1f}M",
                   f"{r.tokens_per_param:.1f}", f"{r.epochs:.2f}", f"{r.tokens_per_s:,.0f}",
                   f"{r.memory_bytes / 2**20:,.0f} MiB" + (" fsdp" if r.parallel == "fsdp" else ""),
                   f"{r.predicted_loss:.4f}", "yes" if r.measured else "")
     return t
 
 
-def plan_text(rows: list[PlanRow], top: int = 10) -> str:
+def plan_text(rows: list[PlanRow], top: int = 10, chosen: PlanRow | None = None) -> str:
     from rich.console import Console
 
     console = Console(width=140, record=True, file=open("/dev/null", "w"))
-    console.print(plan_table(rows, top))
+    console.print(plan_table(rows, top, chosen))
     return console.export_text()
 
 

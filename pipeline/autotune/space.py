@@ -189,12 +189,34 @@ def to_run_config(cand: dict, space: SearchSpace, vocab_size: int, data: DataSet
     return cfg
 
 
+# The fewest optimizer steps a full run should take. A GPU space's 262k-token batch would give a
+# data-limited run on the embedded corpus (16.8M useful tokens) 64 steps; the CPU space's 10-minute
+# runs take ~1,800. Below this the batch is halved (never under one micro-batch), with the learning
+# rate scaled by the square root of the batch ratio (the square-root rule for Adam: Malladi et al.
+# 2022). Not measured on the runs here: a floor against a degenerate schedule, not a tuned batch.
+MIN_STEPS = 500
+
+
+def fit_batch_to_tokens(cfg: RunConfig, tokens: float) -> RunConfig:
+    """Halve the global batch until `tokens` make at least MIN_STEPS optimizer steps."""
+    t = cfg.train
+    smallest = t.micro_batch * t.seq_len
+    batch = t.batch_tokens
+    while batch // 2 >= smallest and tokens / batch < MIN_STEPS:
+        batch //= 2
+    if batch < t.batch_tokens:
+        t.lr *= (batch / t.batch_tokens) ** 0.5
+        t.batch_tokens = batch
+    return cfg
+
+
 def full_run_config(cand: dict, space: SearchSpace, vocab_size: int, data: DataSettings | None = None,
-                    seed: int = 0) -> RunConfig:
-    """The full run's config: the candidate's, compiled if the space's `compile_full_run` says so."""
+                    seed: int = 0, tokens: float | None = None) -> RunConfig:
+    """The full run's config: the candidate's, compiled if the space's `compile_full_run` says so,
+    and with a batch small enough for the planned `tokens` to make MIN_STEPS steps."""
     cfg = to_run_config(cand, space, vocab_size, data, seed)
     cfg.train.compile = cfg.train.compile or bool(space.rules.get("compile_full_run"))
-    return cfg
+    return fit_batch_to_tokens(cfg, tokens) if tokens else cfg
 
 
 def candidate_key(cand: dict) -> str:

@@ -68,8 +68,7 @@ def main(argv=None):
     config = RunConfig.load(args.config) if args.config else None
     if args.resume:
         cfg, state = load_resume(args.resume, config)
-        budget = (Budget(seconds=state["budget_seconds"]) if state.get("budget_seconds")
-                  else Budget(tokens=state["budget_tokens"]))
+        budget = Budget(seconds=state.get("budget_seconds"), tokens=state.get("budget_tokens"))
         run_dir, run_id = Path(args.resume).resolve(), state.get("mlflow_run_id")
     else:
         cfg = config or RunConfig()

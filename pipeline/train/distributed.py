@@ -50,7 +50,8 @@ def worker_fn(config: dict) -> None:
     if rank == 0 and config.get("mlflow_run_id"):
         tracking.setup(config["mlflow_uri"])
         tracker = tracking.Run(config["experiment_id"], run_id=config["mlflow_run_id"])
-    budget = (Budget(seconds=config["seconds"], clock=time.time, start=config["start_epoch"])
+    budget = (Budget(seconds=config["seconds"], tokens=config.get("tokens"), clock=time.time,
+                     start=config["start_epoch"])
               if config.get("seconds") else Budget(tokens=config["tokens"]))
     fault_hook = _fault_hook(config.get("fail_at_step"), run_dir, rank, world)
     device = ray.train.torch.get_device()

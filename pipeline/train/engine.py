@@ -278,10 +278,14 @@ class Trainer:
     def progress(self, reserve: float) -> float:
         # A timed schedule spans the training window, from the first step to the deadline less the
         # final work; counted from process start, its warmup would pass during start-up.
+        # With both a deadline and a token cap the schedule follows whichever binds first.
+        p = 0.0
         if self.budget.timed:
             window = self.budget.seconds - reserve - self.train_from
-            return (self.elapsed() - self.train_from) / max(1e-9, window)
-        return self.tokens / self.budget.tokens
+            p = (self.elapsed() - self.train_from) / max(1e-9, window)
+        if self.budget.tokens is not None:
+            p = max(p, self.tokens / self.budget.tokens)
+        return p
 
     @property
     def tokens_per_step(self) -> int:
@@ -498,7 +502,7 @@ class Trainer:
                 elif self.budget.timed and now + step_est + reserve > self.budget.seconds and not (
                         res.steps < self.min_steps and now + step_est <= 2 * self.budget.seconds):
                     stop = "deadline"
-                elif not self.budget.timed and self.tokens + self.tokens_per_step > self.budget.tokens:
+                elif self.budget.tokens is not None and self.tokens + self.tokens_per_step > self.budget.tokens:
                     stop = "tokens"
                 elif self.stop_after_steps is not None and res.steps >= self.stop_after_steps:
                     stop = "steps"

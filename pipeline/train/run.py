@@ -75,7 +75,7 @@ def train_run(cfg: RunConfig, budget: Budget, run_dir: Path, *, resume: bool = F
                                      "data.fingerprint": data.folder.name, **(tags or {})})
         tracker.log_params({**cfg.to_dict(), **summarize_params(cfg)})
     if budget.timed:  # the clock started before data and MLflow set-up: they are inside the deadline
-        budget = Budget(seconds=budget.seconds, clock=budget.clock, start=started)
+        budget = Budget(seconds=budget.seconds, tokens=budget.tokens, clock=budget.clock, start=started)
     trainer = Trainer(cfg, data, budget, run_dir=run_dir, device=device, tracker=tracker,
                       resume=resume, peak_flops=hw.peak_flops, log=log,
                       model_init=None if resume else model_init)

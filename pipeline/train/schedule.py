@@ -30,15 +30,17 @@ def lr_multiplier(progress: float, schedule: str = "linear", warmup_frac: float 
 
 @dataclass
 class Budget:
-    """How long the run may train: wall-clock seconds (the product) or tokens (reproducible)."""
+    """How long the run may train: wall-clock seconds (the product), tokens (reproducible), or
+    both, whichever comes first (autotune's run on little data: the deadline, and the most
+    tokens worth training on that data)."""
     seconds: float | None = None
     tokens: int | None = None
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     start: float | None = None   # clock() value the deadline counts from (None: when training starts)
 
     def __post_init__(self):
-        if (self.seconds is None) == (self.tokens is None):
-            raise ValueError("give exactly one of seconds or tokens")
+        if self.seconds is None and self.tokens is None:
+            raise ValueError("give seconds, tokens or both")
 
     @property
     def timed(self) -> bool:
