@@ -61,11 +61,17 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
 
 def autotune_row(minutes: float, wall_s: float, run_dir: Path) -> dict:
     """One autotune run's row: wall-clock (process start to exit) over budget, and where its time went."""
+    from pipeline.autotune.plan import ScalingLaw
+
     state = json.loads((run_dir / "pipeline.json").read_text())
     calib = state["timings"].get("calibrate", 0.0)
+    stages = state["stages"]
+    # a run that trained the most tokens worth training on its data stops before the deadline
+    useful = ScalingLaw().useful_tokens(stages["data"]["unique_train_tokens"])
     return {"command": f"pipeline.autotune --minutes {minutes:g}", "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
             "ratio": round(wall_s / (minutes * 60), 4), "calibration_share": round(calib / (minutes * 60), 4),
-            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
+            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
+            "data_limited": stages["train"]["tokens"] >= 0.999 * useful}
 
 
 def record(minutes: float, wall_s: float, run_dir: Path):
@@ -83,10 +89,21 @@ def _save(rows: list[dict]):
         old = [r for r in json.loads(previous.read_text())["rows"] if r["command"] not in done]
         rows = sorted(old + rows, key=lambda r: (r["command"].split()[0], r["budget_s"]))
     rows = [r for r in rows if "quality benchmark" not in r["command"]] + _quality_autotune_rows()
-    ok = all(0.98 <= r["ratio"] <= 1.02 for r in rows if r["budget_s"] >= 300)
-    summary = "wall/budget: " + ", ".join(f"{r['command']} {r['ratio']:.3f}" for r in rows)
-    return save("deadline", rows, summary, "0.98–1.02 for budgets ≥ 5 min (train) / 10 min (autotune)", ok,
-                "python -m benchmarks run deadline")
+    summary, ok = judge(rows)
+    return save("deadline", rows, summary, GOAL, ok, "python -m benchmarks run deadline")
+
+
+GOAL = ("0.98–1.02 for budgets ≥ 5 min (train) / 10 min (autotune); ≤ 1.02 for an autotune that stopped at "
+        "the most tokens worth training on its data (data-limited)")
+
+
+def judge(rows: list[dict]) -> tuple[str, bool]:
+    """(summary, met): on time, or early only where the data ran out first."""
+    ok = all(r["ratio"] <= 1.02 and (r.get("data_limited") or r["ratio"] >= 0.98)
+             for r in rows if r["budget_s"] >= 300)
+    summary = "wall/budget: " + ", ".join(f"{r['command']} {r['ratio']:.3f}"
+                                          + (" (data-limited)" if r.get("data_limited") else "") for r in rows)
+    return summary, ok
 
 
 def detached(minutes: float, folder: Path, wait_s: float, out: Path | None = None) -> bool:
