@@ -34,7 +34,8 @@ def _quality_autotune_rows() -> list[dict]:
         arms = json.loads(path.read_text()) if path.is_file() else {}
         rows += [{"command": f"pipeline.autotune --minutes {m} ({label}, {key})", "budget_s": float(m) * 60,
                   "wall_s": round(r["wall_over_budget"] * float(m) * 60, 1), "ratio": r["wall_over_budget"],
-                  "timings_s": r.get("timings_s", {}), "date": r["date"][:10], "commit": r["commit"]}
+                  "timings_s": r.get("timings_s", {}), "data_limited": r.get("data_limited", False),
+                  "date": r["date"][:10], "commit": r["commit"]}
                  for m, done in arms.items() for key, r in done.items()
                  # every autotune arm: the current one, the compiled and control ones, and earlier
                  # commits' runs kept under their commit (`autotune-d3fd2e2`)
@@ -61,17 +62,20 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
 
 def autotune_row(minutes: float, wall_s: float, run_dir: Path) -> dict:
     """One autotune run's row: wall-clock (process start to exit) over budget, and where its time went."""
-    from pipeline.autotune.plan import ScalingLaw
-
     state = json.loads((run_dir / "pipeline.json").read_text())
     calib = state["timings"].get("calibrate", 0.0)
-    stages = state["stages"]
-    # a run that trained the most tokens worth training on its data stops before the deadline
-    useful = ScalingLaw().useful_tokens(stages["data"]["unique_train_tokens"])
     return {"command": f"pipeline.autotune --minutes {minutes:g}", "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
             "ratio": round(wall_s / (minutes * 60), 4), "calibration_share": round(calib / (minutes * 60), 4),
-            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
-            "data_limited": stages["train"]["tokens"] >= 0.999 * useful}
+            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}, "data_limited": data_limited(state)}
+
+
+def data_limited(state: dict) -> bool:
+    """Whether an autotune run (its pipeline.json) trained the most tokens worth training on its
+    data (`ScalingLaw.useful_tokens`), and so stopped before its deadline by design."""
+    from pipeline.autotune.plan import ScalingLaw
+
+    stages = state["stages"]
+    return stages["train"]["tokens"] >= 0.999 * ScalingLaw().useful_tokens(stages["data"]["unique_train_tokens"])
 
 
 def record(minutes: float, wall_s: float, run_dir: Path):

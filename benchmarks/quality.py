@@ -130,12 +130,15 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
                               capture_output=True, text=True)
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
+        from benchmarks.deadline import data_limited
+
         state = json.loads((tmp / "auto" / "pipeline.json").read_text())
         return {"bpb": round(state["stages"]["train"]["val_bpb"], 4), "tokens": state["stages"]["train"]["tokens"],
                 "compute_dtype": state["stages"]["train"].get("compute_dtype", "fp32"),
                 "choice": state["stages"]["plan"]["chosen"],
                 "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4),
-                "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}}
+                "timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
+                "data_limited": data_limited(state)}  # stopped early at the data's useful tokens
     if arm == "table":
         cfg = table_config(minutes / 60, vocab)
         return _train(cfg, minutes, tmp / "table", seed, compiled) | {"data_fraction": cfg["train"]["data_fraction"]}
