@@ -75,7 +75,7 @@ def data_limited(state: dict) -> bool:
     from pipeline.autotune.plan import ScalingLaw
 
     stages = state["stages"]
-    return stages["train"]["tokens"] >= 0.999 * ScalingLaw().useful_tokens(stages["data"]["unique_train_tokens"])
+    return ScalingLaw().data_limited(stages["train"]["tokens"], stages["data"]["unique_train_tokens"])
 
 
 def record(minutes: float, wall_s: float, run_dir: Path):

@@ -351,8 +351,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     # The registration reserve follows the choice: planned first for the smallest candidate, and
     # redone below for the chosen one (sized for the space's largest, a GPU space's 2.7B
     # parameters kept 165 s of a 10-minute budget and the first H200 run ended at 73%, session 17).
-    sizes = {c[0]: law_params(c[2]) for c in cands}
-    reg_reserve = registration_reserve(min(sizes.values()))
+    reg_reserve = registration_reserve(min(law_params(c[2]) for c in cands))
 
     def train_seconds():
         return pipe.left() - reg_reserve
@@ -477,13 +476,14 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     seconds = pipe.left() - planned.reg_reserve
     # On little data the run stops at the most tokens worth training, before the deadline if it
     # comes to that (the plan counted no more: `ScalingLaw.useful_tokens`)
-    cap = int(ScalingLaw().useful_tokens(data.unique_train_tokens))
+    law = ScalingLaw()
+    cap = int(law.useful_tokens(data.unique_train_tokens))
     if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):
             raise UserError("not launched; rerun with --resume to continue from the plan")
     workers = pipe.state.get("workers", 1)
-    limited = planned.best.tokens >= 0.999 * cap
+    limited = law.data_limited(planned.best.tokens, data.unique_train_tokens)
     log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}" + (f" on {workers} workers" if workers > 1 else "")
         + (f", or until {cap / 1e6:,.1f}M tokens ({cap / data.unique_train_tokens:.1f} epochs): the data, not the "
            "time, limits this run; more data (--data) would use the rest" if limited else ""))

@@ -67,6 +67,10 @@ class ScalingLaw:
         2.96 between 94 and 300 epochs (session 17). The plan and the full run stop here."""
         return unique_tokens * (1.0 + self.r_star * math.log(SATURATION))
 
+    def data_limited(self, tokens: float, unique_tokens: float) -> bool:
+        """Whether `tokens` reach `useful_tokens`: the data, not the time, ends such a run."""
+        return tokens >= 0.999 * self.useful_tokens(unique_tokens)
+
     def optimal_params(self, tokens: float) -> float:
         """The N whose compute-optimal allocation under this law trains on exactly `tokens`:
         with G = (αA / βB)^(1/(α+β)), N_opt = G·(C/6)^(β/(α+β)) and D_opt = (C/6)^(α/(α+β)) / G,
@@ -206,7 +210,7 @@ def why(best: PlanRow, rows: list[PlanRow], law: ScalingLaw = ScalingLaw()) -> s
     smaller = [r for r in feasible if r.params < best.params]
     parts = [f"{best.params / 1e6:.2f}M params × {best.tokens / 1e6:.1f}M tokens "
              f"({best.tokens_per_param:.1f} tokens/param, {best.epochs:.2f} epochs)"]
-    if best.epochs >= 0.999 * law.useful_tokens(1.0):
+    if law.data_limited(best.epochs, 1.0):  # (epochs: tokens per unique token)
         parts.append("data-limited: more epochs or a larger model would not lower the predicted loss, "
                      "so the run stops early; more data (--data) would use the time")
     if bigger:
