@@ -63,7 +63,7 @@ class ScalingLaw:
         """The most tokens worth training on `unique_tokens` of data: where D' is within
         1/SATURATION of its ceiling (12.7 epochs at R_D* = 3). Past it the law still credits a
         sliver, but in runs repeats hurt: on 2 CPU cores d192-L3 reached 1.4852 bpb at 10 epochs of
-        the embedded corpus and 1.4919 at 14.6; on an H200 a 55M model's val bpb rose from 1.90 to
+        the embedded corpus and 1.4919 at 14.3; on an H200 a 55M model's val bpb rose from 1.90 to
         2.96 between 94 and 300 epochs (session 17). The plan and the full run stop here."""
         return unique_tokens * (1.0 + self.r_star * math.log(SATURATION))
 
