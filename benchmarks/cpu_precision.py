@@ -6,7 +6,8 @@ own step, as `cpu_compile` measures (its `in_fresh_process`): fp32 and bf16 alte
 so that the machine's drift falls on both; eager as the trials run, compiled as the full run
 does. Before the compiled pairs, one short uncounted run per precision fills Inductor's disk
 cache: a first bf16 compile of a shape took 15-20 s on 2 cores, most of a 20-s window, and the
-first version of this benchmark read 0.06-0.07x from such runs (session 16). Weights, optimizer state and the loss are fp32 in both; only the autocast region differs.
+first version of this benchmark read 0.06-0.07x from such runs (session 16). Weights, optimizer
+state and the loss are fp32 in both; only the autocast region differs.
 What it buys in bpb at equal tokens and at equal time is in benchmarks/notes/cpu_precision.md."""
 from __future__ import annotations
 

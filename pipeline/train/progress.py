@@ -20,7 +20,8 @@ class ProgressDisplay:
 
     def __enter__(self):
         self.progress.__enter__()
-        # a fraction of the budget: of the deadline, the token cap, or whichever binds first
+        # the schedule's own progress (`Trainer.progress`): the deadline's, the token cap's, or
+        # whichever binds first
         self.task = self.progress.add_task("train", total=1.0, tps="-", loss="-", left="-")
         return self
 
@@ -31,15 +32,14 @@ class ProgressDisplay:
         if not self.enabled:
             return
         tps = trainer.tokens_per_step / max(1e-9, step_times[-1])
-        done, left = [], []
+        left = []  # seconds to the deadline and to the token cap: the nearer is shown
         if self.budget.timed:
-            done.append(trainer.elapsed() / self.budget.seconds)
             left.append(self.budget.seconds - trainer.elapsed())
         if self.budget.tokens is not None:
-            done.append(trainer.tokens / self.budget.tokens)
             left.append((self.budget.tokens - trainer.tokens) / max(tps, 1e-9))
         m, s = divmod(int(max(0.0, min(left))), 60)
-        self.progress.update(self.task, completed=min(1.0, max(done)), tps=f"{tps:,.0f}", loss=f"{loss:.4f}",
+        done = trainer.progress(trainer.result.reserve_s)
+        self.progress.update(self.task, completed=min(1.0, done), tps=f"{tps:,.0f}", loss=f"{loss:.4f}",
                              left=f"{m}:{s:02d}")
 
     def note(self, text: str) -> None:
