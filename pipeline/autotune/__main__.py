@@ -307,152 +307,141 @@ def no_reading_error(records: list, window_s: float) -> str:
 
 def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent,
                    finals_s: float = 0.0) -> Plan:
-    from pipeline.autotune import calibrate as cal
-    from pipeline.autotune.finalists import contenders, interleaved_rates, rescaled
-    from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, leave_one_out_predictions,
-                                       median_and_max)
-    from pipeline.autotune.plan import (ScalingLaw, law_params, measured_instead, memory_ceiling, plan,
-                                        planning_rates, why)
+    """Stages 4 and 5: fit the models to the trials and plan; then, while the plan is being made
+    (not on resume), sharpen it with measurements: the finalists head to head, the choice verified
+    if it was never measured, and the scaling of several workers. The plan is redone after each."""
+    from pipeline.autotune.evidence import Evidence
+    from pipeline.autotune.fit import Shape
+    from pipeline.autotune.plan import law_params, why
     from pipeline.autotune.report import short
     from pipeline.autotune.space import candidate_key, to_run_config
 
     def shape(cand):
         return Shape.of(to_run_config(cand, space, data.vocab_size))
 
-    ok = [r for r in records if r.status == "ok"]
     # 4. fit: throughput and memory models, with their leave-one-out error
-    shapes, tps = [shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok]
-    tput = ThroughputModel.fit(shapes, tps)
     amp = hw.kind == "cuda"
-    mem = MemoryModel.fit(shapes, [r.peak_memory_bytes for r in ok], amp) if amp else MemoryModel(amp=False)
-    loo_pred = leave_one_out_predictions(shapes, tps)  # fitted once: errors and the plot share it
-    med, worst = median_and_max([abs(p / t - 1.0) for p, t in zip(loo_pred, tps)] if len(tps) > 1 else [])
-    log(f"throughput model {dict(zip(tput.terms, [f'{c:.3g}' for c in tput.coef]))}; "
+    cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
+    ev = Evidence.from_trials(records, cands, shape, amp, (0.9 if amp else 0.5) * hw.memory_bytes,
+                              data.unique_train_tokens)
+    loo_pred, med, worst = ev.leave_one_out()  # computed once: the errors and the plot share it
+    log(f"throughput model {dict(zip(ev.throughput.terms, [f'{c:.3g}' for c in ev.throughput.coef]))}; "
         f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
-    if not pipe.done("plan"):
+    making = not pipe.done("plan")  # on resume the plan is redone from the same evidence, nothing measured
+    if making:
         parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst}, step=0)
 
-    # 5. plan: every candidate's predicted loss for the time left
-    limit = memory_ceiling(0.9 * hw.memory_bytes if amp else 0.5 * hw.memory_bytes,
-                           [mem.bytes(shape(r.candidate)) for r in records if r.status == "oom"])
-    readings = {}
-    for r in ok:  # several trials of one candidate: average them
-        readings.setdefault(r.key, []).append(r.tokens_per_s)
-    readings = {k: sum(v) / len(v) for k, v in readings.items()}
-    cands = [(candidate_key(c), c, shape(c)) for c in space.candidates()]
-    shapes_by_key = {r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in cands}
+    # 5. plan: every candidate's predicted loss for the time left. The registration reserve follows
+    # the choice: planned first for the smallest candidate, and redone for the chosen one (sized
+    # for the space's largest, a GPU space's 2.7B parameters kept 165 s of a 10-minute budget and
+    # the first H200 run ended at 73%, session 17).
+    reserve = registration_reserve(min(law_params(c[2]) for c in cands))
 
-    finalist_rates: dict[str, float] = {}  # head-to-head rates, which outrank every other reading
+    def replan():
+        nonlocal reserve
+        rows = ev.plan(pipe.left() - reserve)
+        if registration_reserve(rows[0].params) > reserve:
+            reserve = registration_reserve(rows[0].params)
+            rows = ev.plan(pipe.left() - reserve)
+        return rows
 
-    def rates_for_measured():  # the model's rate (a candidate's own reading only if it shows a cliff)
-        return planning_rates(readings, {k: tput.tokens_per_s(shapes_by_key[k]) for k in readings}) | finalist_rates
-
-    measured = rates_for_measured()
-    # The registration reserve follows the choice: planned first for the smallest candidate, and
-    # redone below for the chosen one (sized for the space's largest, a GPU space's 2.7B
-    # parameters kept 165 s of a 10-minute budget and the first H200 run ended at 73%, session 17).
-    reg_reserve = registration_reserve(min(law_params(c[2]) for c in cands))
-
-    def train_seconds():
-        return pipe.left() - reg_reserve
-
-    rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                measured=measured)
+    rows = replan()
     if not rows[0].feasible:
         small = min(rows, key=lambda r: r.memory_bytes)
         raise UserError(f"nothing in space {space.name} fits in memory: the smallest candidate "
                         f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
-                        f"{limit / 2**30:.1f} GiB usable; use a smaller --space")
+                        f"{ev.memory_limit / 2**30:.1f} GiB usable; use a smaller --space")
+    if making and finals_s > 0 and _head_to_head(pipe, args, space, data, ev, rows, finals_s):
+        rows = replan()
     best = rows[0]
-    if registration_reserve(best.params) > reg_reserve:
-        reg_reserve = registration_reserve(best.params)
-        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                    measured=measured)
-        best = rows[0]
-    finals = contenders(rows, ScalingLaw().E) if finals_s > 0 and not pipe.done("plan") else []
-    if len(finals) >= 2:
-        # what is left of the finalists' share after the fit and the plan
-        seconds = max(1.0, finals_s - (time.monotonic() - pipe._stage_t))
-        log(f"[bold]finalists[/], {seconds:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
-        rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
-                                   for r in finals}, data, seconds, log)
-        finalist_rates = rescaled({r.key: r.tokens_per_s for r in finals}, rates)
-        for r in finals:
-            log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
-                f"{r.tokens_per_s:,.0f} → {finalist_rates[r.key]:,.0f}")
-        pipe.state["finalists"] = [{"key": r.key, "head_to_head_tokens_per_s": rates[r.key],
-                                    "planned_before": r.tokens_per_s, "planned": finalist_rates[r.key]}
-                                   for r in finals]
-        measured = rates_for_measured()
-        rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                    measured=measured)
-        best = rows[0]
-    # The launch decision rests on a measurement, not only on the model: an unmeasured choice is
-    # measured once, the model refitted with that point and the plan redone (a reading far below
-    # the model, or a failed one, rules the choice out).
-    if not best.measured and not pipe.done("plan"):
-        # A measured candidate at least as good as the favourite would be after paying for its
-        # measurement (one Tune experiment: ~10 s of start-up and a window) wins without it.
-        cost = ctx["window_s"] + 10.0
-        tie = measured_instead(rows, plan(cands, tput, mem, train_seconds() - cost, data.unique_train_tokens,
-                                          memory_limit=limit, measured=measured))
-        if tie is not None:
-            best = tie
-        else:
-            log(f"measuring the planned choice ({short(best.candidate)}) before launching")
-            # Through the same Ray trainable as the trials, never in the driver: on 2 CPU cores
-            # a driver measurement ran ~35% faster than the same shapes had in Ray trials
-            # (Tune's loop and Ray's daemons share the cores), which made whichever candidate
-            # was verified look best.
-            extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db",
-                                f"verify-{pipe.run_dir.name}")
-            _log_trials(extra, exp, parent.id)
-            pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
-            for r in extra:
-                # one step is a measurement too (a big choice may take a whole window per step)
-                usable = r.status in ("ok", "too_slow") and r.steps > 0 and r.tokens_per_s > 0
-                readings[r.key] = r.tokens_per_s if usable else 1e-9  # failed: never chosen
-                if r.status == "oom":
-                    limit = memory_ceiling(limit, [mem.bytes(shapes_by_key[r.key])])
-                if usable:  # one more point for the model
-                    shapes.append(shapes_by_key[r.key])
-                    tps.append(r.tokens_per_s)
-            tput = ThroughputModel.fit(shapes, tps)
-            measured = rates_for_measured()
-            rows = plan(cands, tput, mem, train_seconds(), data.unique_train_tokens, memory_limit=limit,
-                        measured=measured)
+    if making and not best.measured:
+        best = _verify_choice(pipe, space, ev, rows, ctx, exp, parent, pipe.left() - reserve)
+        if best is None:  # measured: plan again with the new reading
+            rows = replan()
             best = rows[0]
     workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
     pipe.state["workers"] = workers
-    if workers > 1 and not pipe.done("plan"):
-        # A short measured multi-worker run of the choice gives the scaling efficiency; every
-        # candidate's throughput is scaled by workers × efficiency and the plan is redone.
-        from pipeline.train.distributed import train_distributed
-
-        probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
-        probe_cfg.train.parallel = best.parallel
-        shutil.rmtree(pipe.run_dir / "scaling", ignore_errors=True)  # a fresh measurement
-        res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, len(hw.gpus) > 0,
-                                   tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
-                                   use_mlflow=False, log=log)
-        single = measured.get(best.key) or best.tokens_per_s
-        efficiency = min(1.0, res["tokens_per_s"] / (workers * single))
-        pipe.state["scaling_efficiency"] = efficiency
-        log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
-        factor = workers * efficiency
-        rows = plan(cands, Scaled(tput, factor), mem, train_seconds(), data.unique_train_tokens,
-                    memory_limit=limit, measured={k: v * factor for k, v in measured.items()},
-                    workers=workers)
+    if workers > 1 and making:
+        _measure_scaling(pipe, args, hw, space, data, ev, best, workers)
+        rows = replan()
         best = rows[0]
-    reg_reserve = max(reg_reserve, registration_reserve(best.params))
-    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=tput.tokens_per_s(shape(best.candidate)),
-                   reg_reserve=reg_reserve, fit_points=list(zip(tps, loo_pred)))
+    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.throughput.tokens_per_s(
+                   shape(best.candidate)), reg_reserve=max(reserve, registration_reserve(best.params)),
+                   fit_points=list(zip(ev.tokens_per_s, loo_pred)))
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
-               "throughput_model": tput.to_dict(), "memory_model": mem.to_dict(),
+               "throughput_model": ev.throughput.to_dict(), "memory_model": ev.memory.to_dict(),
                "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps,
                "finalists": pipe.state.get("finalists", [])}
     (pipe.run_dir / "plan.json").write_text(json.dumps(payload, indent=2, default=str))
     return planned
+
+
+def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: float) -> bool:
+    """On a lone CPU, the plan's leaders trained against each other, interleaved in this process:
+    their ratios replace the model's (`rescaled`). False if there was nothing to compare."""
+    from pipeline.autotune.finalists import contenders, interleaved_rates, rescaled
+    from pipeline.autotune.report import short
+    from pipeline.autotune.space import to_run_config
+
+    finals = contenders(rows, ev.law.E)
+    if len(finals) < 2:
+        return False
+    seconds = max(1.0, finals_s - (time.monotonic() - pipe._stage_t))  # what the fit and plan left
+    log(f"[bold]finalists[/], {seconds:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
+    rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
+                               for r in finals}, data, seconds, log)
+    ev.finalist_rates = rescaled({r.key: r.tokens_per_s for r in finals}, rates)
+    for r in finals:
+        log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
+            f"{r.tokens_per_s:,.0f} → {ev.finalist_rates[r.key]:,.0f}")
+    pipe.state["finalists"] = [{"key": r.key, "head_to_head_tokens_per_s": rates[r.key],
+                                "planned_before": r.tokens_per_s, "planned": ev.finalist_rates[r.key]}
+                               for r in finals]
+    return True
+
+
+def _verify_choice(pipe: Pipeline, space, ev, rows: list, ctx: dict, exp: str, parent, seconds: float):
+    """The launch decision rests on a measurement, not only on the model: an unmeasured favourite
+    is measured once and its reading added to the evidence (None is returned: plan again; a
+    reading far below the model, or a failed one, rules it out). A measured candidate at least as
+    good as the favourite would be after paying for its measurement (one Tune experiment: ~10 s
+    of start-up and a window) is returned instead, unmeasured favourite skipped."""
+    from pipeline.autotune import calibrate as cal
+    from pipeline.autotune.plan import measured_instead
+    from pipeline.autotune.report import short
+
+    best = rows[0]
+    tie = measured_instead(rows, ev.plan(seconds - ctx["window_s"] - 10.0))
+    if tie is not None:
+        return tie
+    log(f"measuring the planned choice ({short(best.candidate)}) before launching")
+    # Through the same Ray trainable as the trials, never in the driver: on 2 CPU cores a driver
+    # measurement ran ~35% faster than the same shapes had in Ray trials (Tune's loop and Ray's
+    # daemons share the cores), which made whichever candidate was verified look best.
+    extra = cal.measure([best.candidate], ctx, space, pipe.run_dir / "optuna.db", f"verify-{pipe.run_dir.name}")
+    _log_trials(extra, exp, parent.id)
+    pipe.state["stages"]["calibrate"]["trials"] += [r.to_dict() for r in extra]
+    ev.add(extra)
+    return None
+
+
+def _measure_scaling(pipe: Pipeline, args, hw, space, data, ev, best, workers: int) -> None:
+    """A short measured multi-worker run of the choice gives the scaling efficiency; every
+    candidate's throughput is then scaled by workers × efficiency."""
+    from pipeline.autotune.space import to_run_config
+    from pipeline.train.distributed import train_distributed
+
+    probe_cfg = to_run_config(best.candidate, space, data.vocab_size, seed=args.seed)
+    probe_cfg.train.parallel = best.parallel
+    shutil.rmtree(pipe.run_dir / "scaling", ignore_errors=True)  # a fresh measurement
+    res, _ = train_distributed(probe_cfg, data, pipe.run_dir / "scaling", workers, len(hw.gpus) > 0,
+                               tokens=8 * probe_cfg.train.batch_tokens, stop_after_steps=6,
+                               use_mlflow=False, log=log)
+    single = ev.measured().get(best.key) or best.tokens_per_s
+    efficiency = min(1.0, res["tokens_per_s"] / (workers * single))
+    pipe.state["scaling_efficiency"] = efficiency
+    log(f"{workers} workers: scaling efficiency {efficiency:.0%}")
+    ev.factor, ev.workers = workers * efficiency, workers
 
 
 # 6. train -----------------------------------------------------------------------------------
@@ -554,16 +543,6 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
         f"  registry   {reg.model_uri} — {reg.reason}\n"
         f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"
         f"  generate   python -m pipeline.generate --model models:/{reg.name}@champion --prompt \"The\"")
-
-
-class Scaled:
-    """A throughput model multiplied by a factor (data-parallel workers × measured efficiency)."""
-
-    def __init__(self, model, factor: float):
-        self.model, self.factor = model, factor
-
-    def tokens_per_s(self, shape) -> float:
-        return self.model.tokens_per_s(shape) * self.factor
 
 
 def _cluster_gpus() -> int:
