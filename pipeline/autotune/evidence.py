@@ -31,7 +31,7 @@ class Evidence:
     memory: MemoryModel
     memory_limit: float         # bytes the plan may use, lowered by out-of-memory trials
     unique_tokens: float
-    throughput: ThroughputModel = None
+    throughput: ThroughputModel
     finalist_rates: dict = field(default_factory=dict)  # head-to-head rates outrank every other reading
     factor: float = 1.0         # data-parallel workers × their measured efficiency
     workers: int = 1
@@ -53,12 +53,11 @@ class Evidence:
         readings: dict[str, list] = {}
         for r in ok:  # several trials of one candidate: average them
             readings.setdefault(r.key, []).append(r.tokens_per_s)
-        ev = cls(candidates=candidates, shapes=shapes, tokens_per_s=tps,
-                 readings={k: sum(v) / len(v) for k, v in readings.items()},
-                 memory=mem, memory_limit=limit, unique_tokens=unique_tokens,
-                 shapes_by_key={r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in candidates})
-        ev.throughput = ThroughputModel.fit(shapes, tps)
-        return ev
+        return cls(candidates=candidates, shapes=shapes, tokens_per_s=tps,
+                   readings={k: sum(v) / len(v) for k, v in readings.items()},
+                   memory=mem, memory_limit=limit, unique_tokens=unique_tokens,
+                   throughput=ThroughputModel.fit(shapes, tps),
+                   shapes_by_key={r.key: s for r, s in zip(ok, shapes)} | {k: s for k, _, s in candidates})
 
     def shape(self, key: str) -> Shape:
         return self.shapes_by_key[key]
