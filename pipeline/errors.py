@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import os
 import sys
+import threading
 
 from model.config import ConfigError
 
@@ -35,3 +38,33 @@ def cli(main):
             sys.exit(130)
 
     return wrapper
+
+
+def run_script(main) -> None:
+    """A command's `if __name__ == "__main__":` — run it, then leave without the interpreter's
+    teardown. Finalising the modules a run has loaded (torch, Ray, MLflow, Inductor) took 3.3 s
+    on 2 Zen 3 cores after autotune had printed its summary: past the deadline a user set, to
+    free memory the OS takes back anyway. What the teardown would do that matters still happens
+    first: other threads are joined and the exit handlers run (logging, multiprocessing children,
+    Inductor's compile workers, MLflow), then stdout and stderr are flushed. Every file the
+    product writes is closed (or atomically renamed into place) before its command returns."""
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to deliver
+            pass
+    os._exit(code)

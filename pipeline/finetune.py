@@ -12,7 +12,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline.errors import ArgumentParser, UserError, cli  # noqa: E402
+from pipeline.errors import ArgumentParser, UserError, cli, run_script  # noqa: E402
 from pipeline.train.__main__ import add_budget_args, budget_from_args  # noqa: E402
 
 def log(message: str) -> None:
@@ -175,4 +175,4 @@ def _resume(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -17,7 +17,7 @@ import torch
 
 from model.hf import load_native, read_config
 from model.llama import KVCache, Transformer
-from pipeline.errors import ArgumentParser, UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli, run_script
 
 
 @dataclass
@@ -312,4 +312,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import tracking
-from pipeline.errors import ArgumentParser, cli
+from pipeline.errors import ArgumentParser, cli, run_script
 
 
 def rows() -> list[dict]:
@@ -46,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -436,3 +436,31 @@ def test_train_cli_refuses_existing_run_folder_and_missing_budget(tmp_path, caps
         code, _, err = run_cli("pipeline.train.__main__", ["--no-mlflow", *args], capsys)
         assert code == 2 and message in err and err.count("\n") == 1, err
     assert (tmp_path / "run" / "config.yaml").read_text() == "x: 1"
+
+
+def test_a_command_skips_the_teardown_but_keeps_its_status_output_threads_and_exit_handlers(tmp_path):
+    """`run_script` leaves with os._exit (the interpreter's teardown cost seconds past a deadline);
+    what the teardown would have done that a user can see must still happen."""
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import atexit, sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from pipeline.errors import UserError, cli, run_script\n"
+        "out, mode = Path(sys.argv[1]), sys.argv[2]\n"
+        "@cli\n"
+        "def main(argv=None):\n"
+        "    atexit.register(lambda: (out / 'handler').write_text('ran'))\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.3), (out / 'thread').write_text('done'))).start()\n"
+        "    sys.stdout.write('summary, still in the buffer')\n"
+        "    if mode == 'user':\n"
+        "        raise UserError('bad input')\n"
+        "    if mode == 'message':\n"
+        "        sys.exit('fatal')\n"
+        "run_script(main)\n")
+    for mode, code, err in (("ok", 0, ""), ("user", 2, "error: bad input\n"), ("message", 1, "fatal\n")):
+        out = tmp_path / mode
+        out.mkdir()
+        proc = subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True)
+        assert (proc.returncode, proc.stderr) == (code, err), (mode, proc.stderr)
+        assert proc.stdout == "summary, still in the buffer", mode
+        assert (out / "handler").read_text() == "ran" and (out / "thread").read_text() == "done", mode

@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from pipeline.data.__main__ import add_data_args, settings_from_args  # noqa: E402
-from pipeline.errors import ArgumentParser, UserError, cli  # noqa: E402
+from pipeline.errors import ArgumentParser, UserError, cli, run_script  # noqa: E402
 from pipeline.train.__main__ import add_budget_args, budget_from_args  # noqa: E402
 
 console = Console(stderr=True)
@@ -593,4 +593,4 @@ def _log_trials(records, experiment_id: str, parent_id: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from pipeline.data.cache import DataSettings, prepare
-from pipeline.errors import ArgumentParser, cli
+from pipeline.errors import ArgumentParser, cli, run_script
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -40,4 +40,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

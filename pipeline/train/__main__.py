@@ -10,7 +10,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from pipeline.errors import ArgumentParser, UserError, cli
+from pipeline.errors import ArgumentParser, UserError, cli, run_script
 from pipeline.train.config import RunConfig, apply_overrides
 from pipeline.train.engine import Interrupted
 from pipeline.train.run import load_resume, new_run_dir, train_run
@@ -121,4 +121,4 @@ def _data_parallel(args, cfg, budget, run_dir):
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
