@@ -325,8 +325,9 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     ev = Evidence.from_trials(records, cands, shape, amp, (0.9 if amp else 0.5) * hw.memory_bytes,
                               data.unique_train_tokens)
     loo_pred, med, worst = ev.leave_one_out()  # computed once: the errors and the plot share it
-    log(f"throughput model {dict(zip(ev.throughput.terms, [f'{c:.3g}' for c in ev.throughput.coef]))}; "
-        f"leave-one-out error median {med:.1%}, worst {worst:.1%}")
+    loo = (f"leave-one-out error median {med:.1%}, worst {worst:.1%}" if math.isfinite(med) else
+           f"no leave-one-out error from {len(ev.tokens_per_s)} reading (it needs two)")
+    log(f"throughput model {dict(zip(ev.throughput.terms, [f'{c:.3g}' for c in ev.throughput.coef]))}; {loo}")
     making = not pipe.done("plan")  # on resume the plan is redone from the same evidence, nothing measured
     if making:
         parent.log_metrics({"throughput_loo_median": med, "throughput_loo_worst": worst}, step=0)
