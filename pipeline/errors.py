@@ -45,9 +45,10 @@ def run_script(main) -> None:
     teardown. Finalising the modules a run has loaded (torch, Ray, MLflow, Inductor) took 3.3 s
     on 2 Zen 3 cores after autotune had printed its summary: past the deadline a user set, to
     free memory the OS takes back anyway. What the teardown would do that matters still happens
-    first: other threads are joined and the exit handlers run (logging, multiprocessing children,
-    Inductor's compile workers, MLflow), then stdout and stderr are flushed. Every file the
-    product writes is closed (or atomically renamed into place) before its command returns."""
+    first: thread pools are stopped, other threads joined, the exit handlers run (logging,
+    multiprocessing children, Inductor's compile workers, MLflow), then stdout and stderr are
+    flushed. Every file the product writes is closed (or atomically renamed into place) before
+    its command returns."""
     try:
         main()
         code = 0
@@ -58,9 +59,10 @@ def run_script(main) -> None:
     elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as Python does
         print(code, file=sys.stderr)
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # The interpreter's own first step of shutting down: it tells thread pools to stop (a
+    # ThreadPoolExecutor's idle workers wait for that; joining them directly hung a 30-minute
+    # autotune after its summary) and then joins every non-daemon thread.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

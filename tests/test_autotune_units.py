@@ -482,6 +482,17 @@ def test_suggestions_that_need_no_trial_are_answered_in_the_driver_until_none_is
     assert len(told) == s.EXHAUSTED and {t.value for t in told} <= {5.0 + i for i in range(len(cands))}
 
 
+def test_a_candidate_skipped_as_too_slow_that_ran_later_is_listed_once_with_its_reading():
+    from pipeline.autotune.calibrate import TrialRecord, skip_records
+
+    slow = {"status": "too_slow", "tokens_per_s": 4281.0, "steps": 0, "error": "not run: one step would take"}
+    skipped = {"d128-L4": ({"n_layers": 4}, slow), "d256-L8": ({"n_layers": 8}, {**slow, "tokens_per_s": 900.0})}
+    measured = [TrialRecord(key="d128-L4", candidate={"n_layers": 4}, status="ok", tokens_per_s=7244.0, steps=5)]
+    [left] = skip_records(skipped, measured)
+    assert (left.key, left.status, left.tokens_per_s, left.steps) == ("d256-L8", "too_slow", 900.0, 0)
+    assert [r.key for r in skip_records(skipped, [])] == ["d128-L4", "d256-L8"]
+
+
 def test_measuring_the_favourite_only_when_it_can_pay_for_itself():
     from pipeline.autotune.plan import measured_instead
 

@@ -451,6 +451,10 @@ def test_a_command_skips_the_teardown_but_keeps_its_status_output_threads_and_ex
         "def main(argv=None):\n"
         "    atexit.register(lambda: (out / 'handler').write_text('ran'))\n"
         "    threading.Thread(target=lambda: (time.sleep(0.3), (out / 'thread').write_text('done'))).start()\n"
+        "    global pool  # idle workers, kept alive, never shut down by the command\n"
+        "    from concurrent.futures import ThreadPoolExecutor\n"
+        "    pool = ThreadPoolExecutor(2)\n"
+        "    pool.submit(lambda: None)\n"
         "    sys.stdout.write('summary, still in the buffer')\n"
         "    if mode == 'user':\n"
         "        raise UserError('bad input')\n"
@@ -460,7 +464,8 @@ def test_a_command_skips_the_teardown_but_keeps_its_status_output_threads_and_ex
     for mode, code, err in (("ok", 0, ""), ("user", 2, "error: bad input\n"), ("message", 1, "fatal\n")):
         out = tmp_path / mode
         out.mkdir()
-        proc = subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True,
+                              timeout=120)  # a thread left waiting once hung a command after its summary
         assert (proc.returncode, proc.stderr) == (code, err), (mode, proc.stderr)
         assert proc.stdout == "summary, still in the buffer", mode
         assert (out / "handler").read_text() == "ran" and (out / "thread").read_text() == "done", mode
