@@ -9,16 +9,14 @@ from pathlib import Path
 from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "loss_kernel", "cpu_precision", "data",
-         "generation", "predictor", "predictor_forms", "deadline", "plateau", "law_check", "law_variants",
-         "law_fit", "quality", "quality_compiled"]
+ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "cpu_precision", "data", "generation", "predictor",
+         "predictor_forms", "deadline", "plateau", "law_check", "law_variants", "law_fit", "quality", "quality_compiled"]
 # tables the `quality` runners write on a CPU whose `auto` precision is bf16 (benchmarks/quality.py)
 REPORT_ORDER = ORDER + ["quality_bf16", "quality_compiled_bf16"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "mfu": "MFU of a 124M dense model (bf16, the training engine)",
           "micro_batch": "Micro-batch on CPU (the CPU space's fixed choice)",
           "cpu_compile": "torch.compile on CPU (the CPU space's compiled full run)",
-          "loss_kernel": "The training loss without the whole logits (the model's chunked cross-entropy)",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
           "predictor": "Throughput predictor on held-out configurations",
           "predictor_forms": "Throughput-model forms replayed on stored calibrations",
@@ -36,10 +34,10 @@ TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
 
 
 def runners():
-    from benchmarks import (cpu_compile, cpu_precision, data_bench, deadline, generation, law_check, law_fit,
-                            loss_kernel, mfu, micro_batch, plateau, predictor, predictor_forms, quality, speed)
+    from benchmarks import (cpu_compile, cpu_precision, data_bench, deadline, generation, law_check, law_fit, mfu,
+                            micro_batch, plateau, predictor, predictor_forms, quality, speed)
 
-    return {"speed_vs_hf": speed.run, "loss_kernel": loss_kernel.run, "mfu": mfu.run, "micro_batch": micro_batch.run,
+    return {"speed_vs_hf": speed.run, "mfu": mfu.run, "micro_batch": micro_batch.run,
             "cpu_compile": cpu_compile.run, "cpu_precision": cpu_precision.run, "data": data_bench.run,
             "generation": generation.run, "predictor": predictor.run,
             "predictor_forms": predictor_forms.run, "deadline": deadline.run,

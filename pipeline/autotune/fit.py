@@ -25,7 +25,6 @@ import numpy as np
 from scipy.optimize import nnls
 
 from model.config import ModelConfig, param_counts
-from model.llama import LOSS_CHUNK
 
 TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # Which terms to fit for a given number of trials (more terms need more measurements).
@@ -120,9 +119,7 @@ def memory_terms(s: Shape, amp: bool) -> dict[str, float]:
     else:
         acts = tokens * m.n_layers * per_layer
     attn_peak = s.micro_batch * m.n_heads * s.seq_len * s.seq_len * 4
-    # The loss forms LOSS_CHUNK rows of logits at a time (compute copy, fp32, its gradient in place)
-    # and keeps the gradients it formed for the head's input and weight.
-    logits = min(tokens, LOSS_CHUNK) * m.vocab_size * (4 + act_bytes) + (tokens + m.vocab_size) * m.d_model * 4
+    logits = tokens * m.vocab_size * (4 + 4 + act_bytes)  # fp32 logits, their grad, the compute copy
     return {"params": 16.0 * n, "acts": float(acts + attn_peak), "logits": float(logits)}
 
 
