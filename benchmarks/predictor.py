@@ -39,6 +39,8 @@ def run(calibration_s: float | None = None, held_out: int | None = None, truth_w
 
     hw = hardware.probe()
     gpu = hw.kind == "cuda"
+    command = ("python -m benchmarks run predictor" if calibration_s is None else
+               f'python -c "from benchmarks import predictor; predictor.run(calibration_s={calibration_s:g})"')
     calibration_s = calibration_s or (150.0 if gpu else 90.0)
     held_out = held_out or (5 if gpu else 8)
     space = load_space(default_space_path(hw.kind))
@@ -106,6 +108,4 @@ def run(calibration_s: float | None = None, held_out: int | None = None, truth_w
                f"({len(errors)} configs measured {measured}; model fitted on "
                f"{len(ok)} trials); truth/prediction level {level:.2f}, median error with the level divided out "
                f"{np.median(shape_errors):.1%}" + against_ray)
-    command = ("python -m benchmarks run predictor" if calibration_s == (150.0 if gpu else 90.0) else
-               f'python -c "from benchmarks import predictor; predictor.run(calibration_s={calibration_s:g})"')
     return save("predictor", rows, summary, "median ≤ 10%", float(np.median(errors)) <= 0.10, command)
