@@ -10,7 +10,7 @@ from benchmarks.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["speed_vs_hf", "mfu", "micro_batch", "cpu_compile", "cpu_precision", "data", "generation", "predictor",
-         "predictor_forms", "deadline", "plateau", "law_check", "law_variants", "law_fit", "quality", "quality_compiled"]
+         "predictor_forms", "predictor_few", "deadline", "plateau", "law_check", "law_variants", "law_fit", "quality", "quality_compiled"]
 # tables the `quality` runners write on a CPU whose `auto` precision is bf16 (benchmarks/quality.py)
 REPORT_ORDER = ORDER + ["quality_bf16", "quality_compiled_bf16"]
 TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
@@ -20,6 +20,7 @@ TITLES = {"speed_vs_hf": "Training speed vs Hugging Face LlamaForCausalLM",
           "data": "Data preparation and loader", "generation": "Generation with and without the KV cache",
           "predictor": "Throughput predictor on held-out configurations",
           "predictor_forms": "Throughput-model forms replayed on stored calibrations",
+          "predictor_few": "Throughput-model forms fitted on a few trials (short budgets), replayed on stored calibrations",
           "deadline": "Wall-clock adherence",
           "plateau": "Learning rate and the plateau exit (the CPU space's lr rule)",
           "law_check": "The planner's scaling law against the hand-grid runs",
@@ -40,7 +41,8 @@ def runners():
     return {"speed_vs_hf": speed.run, "mfu": mfu.run, "micro_batch": micro_batch.run,
             "cpu_compile": cpu_compile.run, "cpu_precision": cpu_precision.run, "data": data_bench.run,
             "generation": generation.run, "predictor": predictor.run,
-            "predictor_forms": predictor_forms.run, "deadline": deadline.run,
+            "predictor_forms": predictor_forms.run,
+            "predictor_few": predictor_forms.few_trials, "deadline": deadline.run,
             "plateau": plateau.run, "law_check": law_check.run, "law_variants": law_check.variants, "law_fit": law_fit.run,
             "quality": quality.run, "quality_compiled": lambda: quality.run((15,), compiled=True)}
 

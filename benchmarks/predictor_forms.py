@@ -9,6 +9,8 @@ better, and how far apart are two measurements of the same configuration (the no
 form can go below)?"""
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import statistics
 
@@ -22,10 +24,10 @@ FORMS = [["mm"], ["mm", "step"], ["mm", "attn"], ["mm", "attn", "step"], ["mm", 
          ["mm", "narrow", "attn", "layer", "step"]]
 
 
-def stored_calibrations() -> list[dict]:
+def stored_calibrations(path=RESULTS / "calibrations-cpu.json") -> list[dict]:
     """One {(n_heads, n_layers): (tokens/s, steps)} per stored calibration (the other knobs are
     the CPU space's single choices)."""
-    stored = json.loads((RESULTS / "calibrations-cpu.json").read_text())["calibrations"]
+    stored = json.loads(path.read_text())["calibrations"]
     return [{(t["n_heads"], t["n_layers"]): (t["tokens_per_s"], t["steps"]) for t in c["trials"]} for c in stored]
 
 
@@ -89,6 +91,62 @@ def run(vocab: int = 4096):
                f"configuration differ by {floor:.1%} (median)")
     return save("predictor_forms", out, summary, "no form better than the product's by > 1 point",
                 best["median_error"] >= product["median_error"] - 0.01, "python -m benchmarks run predictor_forms", on=SESSIONS_1_8_CPU)
+
+
+# The forms a fit on a handful of trials can afford (short budgets: a 10-minute CPU calibration
+# reads 4-9 candidates, the first two or three of them the seeds).
+FEW = (2, 3, 4)
+FEW_FORMS = [["mm"], ["mm", "step"], ["mm", "narrow"], ["mm", "narrow", "step"]]
+
+
+def few_trials(vocab: int = 4096) -> list[dict]:
+    """The forms fitted on few trials, per stored calibration file (each a machine): every subset
+    of 2, 3 and 4 trials of each calibration fits each form and predicts every other
+    configuration the file measured, whose truth is the median of all its measurements there."""
+    from pipeline.autotune.fit import ThroughputModel
+    from pipeline.autotune.space import SPACES_DIR, load_space
+
+    space = load_space(SPACES_DIR / "cpu.yaml")
+    shape = functools.lru_cache(maxsize=None)(lambda c: shape_of(space, vocab, *c))
+    forms = {"product (terms by trial count)": lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
+    forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FEW_FORMS}
+    results = []
+    for path in sorted(RESULTS.glob("calibrations-*.json")):
+        runs = [{c: v for c, (v, _) in r.items()} for r in stored_calibrations(path)]
+        pooled: dict = {}
+        for r in runs:
+            for c, v in r.items():
+                pooled.setdefault(c, []).append(v)
+        truth = {c: statistics.median(v) for c, v in pooled.items()}
+        rows = []
+        for k in FEW:
+            errors = {name: [] for name in forms}
+            for r in runs:
+                for subset in itertools.combinations(r, k):
+                    shapes, rates = [shape(c) for c in subset], [r[c] for c in subset]
+                    for name, form in forms.items():
+                        if name in errors and len(name.split(" + ")) > k:
+                            del errors[name]  # more terms than trials: not fitted
+                        if name not in errors:
+                            continue
+                        predict = form(shapes, rates)
+                        errors[name] += [abs(predict(shape(c)) / t - 1) for c, t in truth.items() if c not in subset]
+            rows += [{"trials": k, "form": name, "median_error": round(float(np.median(e)), 4),
+                      "mean_error": round(float(np.mean(e)), 4), "predictions": len(e)}
+                     for name, e in errors.items()]
+        stored = json.loads(path.read_text())
+        by_k = {k: {r["form"]: r["median_error"] for r in rows if r["trials"] == k} for k in FEW}
+        product = [by_k[k].pop("product (terms by trial count)") for k in FEW]
+        best = [min(by_k[k].items(), key=lambda kv: kv[1]) for k in FEW]
+        summary = (f"{len(runs)} calibration(s), fitted on every {'/'.join(map(str, FEW))}-trial subset: the product's fit "
+                   + "/".join(f"{p:.1%}" for p in product) + " median error on the rest; "
+                   + "; ".join(f"{form} " + "/".join(f"{by_k[k][form]:.1%}" if form in by_k[k] else "—" for k in FEW)
+                               for form in (" + ".join(t) for t in FEW_FORMS)))
+        on = (path.stem[len("calibrations-"):], stored["machine"])
+        results.append(save("predictor_few", rows, summary, "the product's form within 1 point of the best at "
+                            "each trial count", all(p <= b + 0.01 for p, (_, b) in zip(product, best)),
+                            "python -m benchmarks run predictor_few", on=on))
+    return results
 
 
 if __name__ == "__main__":

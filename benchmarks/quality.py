@@ -209,7 +209,14 @@ def run(minutes=(10,), only: list[str] | None = None, seed: int = 0, compiled: b
             result = run_arm(arm, m, data, vocab, Path(tempfile.mkdtemp()), seed, compiled)
             done[arm if seed == 0 else f"{arm}@seed{seed}"] = result | {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit()}
             path.write_text(json.dumps(arms_done, indent=1))  # after every arm: nothing measured is lost
-    return summarise(minutes, arms_done, name=name)
+    # every budget this machine has arms for, not only this call's: the table is rewritten whole,
+    # and a 30-minute call once dropped the 15-minute comparison from it (session 20)
+    return summarise(stored_budgets(arms_done), arms_done, name=name)
+
+
+def stored_budgets(arms_done: dict) -> list:
+    """The budgets (minutes) of an arms file, in increasing order, as numbers."""
+    return sorted((int(m) if float(m).is_integer() else float(m) for m in arms_done), key=float)
 
 
 def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None, name: str = "quality"):
@@ -271,8 +278,11 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None, name:
 
 
 def _met(compared: list[dict]) -> bool | None:
-    """Both goals at every compared budget; None (not judged) where the table arm was not run."""
-    if not compared or any(r["autotune_over_grid_best"] > 1.02 for r in compared):
+    """Both goals at every compared budget; None (not judged) where nothing was compared or the
+    table arm was not run."""
+    if not compared:
+        return None
+    if any(r["autotune_over_grid_best"] > 1.02 for r in compared):
         return False
     if any(r["table_bpb"] is None for r in compared):
         return None

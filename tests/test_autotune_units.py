@@ -235,8 +235,30 @@ def test_throughput_fit_recovers_known_parameters():
 def test_throughput_fit_with_few_trials_uses_fewer_terms():
     shapes = [s for _, _, s in grid_shapes(widths=(64, 128), depths=(2,))]
     model = ThroughputModel.fit(shapes, [1000.0, 400.0])
-    assert model.terms == ["mm"]
+    assert model.terms == ["mm", "narrow"]
     assert model.tokens_per_s(shapes[0]) > model.tokens_per_s(shapes[1])
+    # Trials of one width cannot tell the width term from the FLOP term (it is that term over a
+    # constant): the per-step overhead takes its place, and one trial fits the FLOP term alone.
+    one_width = [s for _, _, s in grid_shapes(widths=(64,), depths=(2, 4))]
+    assert ThroughputModel.fit(one_width, [1000.0, 600.0]).terms == ["mm", "step"]
+    assert ThroughputModel.fit(one_width[:1], [1000.0]).terms == ["mm"]
+
+
+def test_a_few_narrow_trials_predict_a_wider_model():
+    """A short budget's calibration reads only the narrow candidates (on 2 Zen 3 cores every
+    width-192 model was too slow for 3-s trials), and the plan must still rank the wider ones. On
+    a machine whose narrow matmuls run slower per FLOP, with a per-layer overhead the fit does not
+    have, four trials at widths 64 and 128 predict widths 192 and 256 within 3%; the form fitted
+    from three trials before (FLOPs plus a per-token overhead) put d256-L4 8% too slow."""
+    true = {"mm": 2e-3, "narrow": 6e-3, "layer": 1e-3}
+
+    def tokens_per_s(s):
+        return 1 / sum(c * features(s)[k] for k, c in true.items())
+
+    trials = [s for _, _, s in grid_shapes(widths=(64, 128), depths=(2, 3))]
+    model = ThroughputModel.fit(trials, [tokens_per_s(s) for s in trials])
+    for _, _, wide in grid_shapes(widths=(192, 256), depths=(3, 4)):
+        assert model.tokens_per_s(wide) == pytest.approx(tokens_per_s(wide), rel=0.03)
 
 
 def test_memory_model_fit_and_checkpointing_saves_memory():

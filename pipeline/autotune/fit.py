@@ -27,8 +27,15 @@ from scipy.optimize import nnls
 from model.config import ModelConfig, param_counts
 
 TERMS = ["mm", "narrow", "attn", "layer", "step"]
-# Which terms to fit for a given number of trials (more terms need more measurements).
-TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (3, ["mm", "step"]), (1, ["mm"])]
+# Which terms to fit for a given number of trials (more terms need more measurements). From two
+# trials on, the width term comes second, before any overhead: on a CPU, narrow matmuls running at
+# a lower FLOP rate is the largest effect after the FLOPs themselves. Fitted on every 2-, 3- and
+# 4-trial subset of eight stored CPU calibrations and predicting the other configurations, this
+# errs 19/13/11% (median) where the forms before it (`mm` from one trial, `mm + step` from three)
+# erred 34/22/18%; on a Zen 3 calibration 13/10/9% against 19/9/9% (`python -m benchmarks run
+# predictor_few`). With `mm + step`, four trials at widths 64 and 128 had put width 192 a quarter
+# too slow (benchmarks/notes/predictor.md, session 19).
+TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (2, ["mm", "narrow"]), (1, ["mm"])]
 
 
 @dataclass
@@ -72,7 +79,7 @@ class ThroughputModel:
         if not shapes:
             raise ValueError("no successful calibration trials to fit a throughput model on")
         n = len(shapes)
-        terms = next(t for count, t in TERMS_BY_COUNT if n >= count)
+        terms = terms_for(shapes)
         y = np.array([1.0 / v for v in tokens_per_s])
         x = np.array([[features(s)[t] for t in terms] for s in shapes])
         # Relative error: divide each row by its target, so fast and slow configs weigh the same.
@@ -83,6 +90,16 @@ class ThroughputModel:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def terms_for(shapes: list[Shape]) -> list[str]:
+    """The terms `shapes` can identify: by their number, less the width term when they all have
+    one width (there it is the FLOP term over a constant), whose place the step overhead takes."""
+    terms = next(t for count, t in TERMS_BY_COUNT if len(shapes) >= count)
+    if "narrow" in terms and len({s.model.d_model for s in shapes}) == 1:
+        terms = [t for t in terms if t != "narrow"]
+        terms += [] if "step" in terms else ["step"]
+    return terms
 
 
 def leave_one_out_predictions(shapes: list[Shape], tokens_per_s: list[float]) -> list[float]:
