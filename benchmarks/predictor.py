@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import save
+from benchmarks.predictor_forms import store_calibration
 
 
 def run(calibration_s: float | None = None, held_out: int | None = None, truth_window_s: float = 15.0):
@@ -55,6 +56,7 @@ def run(calibration_s: float | None = None, held_out: int | None = None, truth_w
         records: list[TrialRecord] = calibrate(space, ctx, calibration_s, tmp / "optuna.db", "predictor", 0,
                                                seed_points(space), log=lambda *_: None)
         ok = [r for r in records if r.status == "ok"]
+        store_calibration(records, ctx["window_s"], f"predictor benchmark, {calibration_s:.0f}-s calibration")
         model = ThroughputModel.fit([shape(r.candidate) for r in ok], [r.tokens_per_s for r in ok])
         seen = {r.key for r in records}
         # configurations that give at least three steps in the truth window (the region a

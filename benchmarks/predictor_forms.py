@@ -13,6 +13,8 @@ import functools
 import itertools
 import json
 import statistics
+import time
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import nnls
@@ -29,6 +31,28 @@ def stored_calibrations(path=RESULTS / "calibrations-cpu.json") -> list[dict]:
     the CPU space's single choices)."""
     stored = json.loads(path.read_text())["calibrations"]
     return [{(t["n_heads"], t["n_layers"]): (t["tokens_per_s"], t["steps"]) for t in c["trials"]} for c in stored]
+
+
+def store_calibration(records: list, window_s: float, source: str) -> Path | None:
+    """Add a calibration's ok trials to this machine's `calibrations-<slug>.json`, the input of
+    `predictor_few`, when they are the default CPU space's (heads and layers vary, the rest is
+    fixed); None otherwise."""
+    from benchmarks.common import machine, slug
+    from pipeline.autotune.space import SPACES_DIR, load_space
+
+    fixed = {k: v[0] for k, v in load_space(SPACES_DIR / "cpu.yaml").choices.items() if k not in ("n_heads", "n_layers")}
+    ok = [r for r in records if r.status == "ok"]
+    if not ok or not slug().startswith("cpu") or any(r.candidate.get(k) != v for r in ok for k, v in fixed.items()):
+        return None
+    path = RESULTS / f"calibrations-{slug()}.json"
+    stored = json.loads(path.read_text()) if path.is_file() else {
+        "space": "search_spaces/cpu.yaml", "machine": machine(),
+        "note": "the ok trials of calibrations on the default CPU space, in trial order", "calibrations": []}
+    stored["calibrations"].append({"when": time.strftime("%Y-%m-%d %H:%M"), "source": source, "window_s": window_s,
+                                   "trials": [{"n_heads": r.candidate["n_heads"], "n_layers": r.candidate["n_layers"],
+                                               "tokens_per_s": round(r.tokens_per_s, 1), "steps": r.steps} for r in ok]})
+    path.write_text(json.dumps(stored, indent=1))
+    return path
 
 
 def shape_of(space, vocab: int, heads: int, layers: int):
