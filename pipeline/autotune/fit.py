@@ -32,9 +32,10 @@ TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # a lower FLOP rate is the largest effect after the FLOPs themselves. Fitted on every 2-, 3- and
 # 4-trial subset of eight stored CPU calibrations and predicting the other configurations, this
 # errs 19/13/11% (median) where the forms before it (`mm` from one trial, `mm + step` from three)
-# erred 34/22/18%; on a Zen 3 calibration 13/10/9% against 19/9/9% (`python -m benchmarks run
-# predictor_few`). With `mm + step`, four trials at widths 64 and 128 had put width 192 a quarter
-# too slow (benchmarks/notes/predictor.md, session 19).
+# erred 34/22/18%. On two Zen 3 calibrations it is 1-2 points behind `mm + step` (14/10/9% against
+# 12/8/7%), but from the same four trials at widths 64 and 128 it predicted three wider held-out
+# models 15% off where `mm + step` was 18% off (`python -m benchmarks run predictor_few`;
+# benchmarks/notes/predictor_few.md).
 TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (2, ["mm", "narrow"]), (1, ["mm"])]
 
 
