@@ -144,15 +144,12 @@ def few_trials(vocab: int = 4096) -> list[dict]:
         truth = {c: statistics.median(v) for c, v in pooled.items()}
         rows = []
         for k in FEW:
-            errors = {name: [] for name in forms}
+            fitted = {name: form for name, form in forms.items() if len(name.split(" + ")) <= k}  # terms ≤ trials
+            errors = {name: [] for name in fitted}
             for r in runs:
                 for subset in itertools.combinations(r, k):
                     shapes, rates = [shape(c) for c in subset], [r[c] for c in subset]
-                    for name, form in forms.items():
-                        if name in errors and len(name.split(" + ")) > k:
-                            del errors[name]  # more terms than trials: not fitted
-                        if name not in errors:
-                            continue
+                    for name, form in fitted.items():
                         predict = form(shapes, rates)
                         errors[name] += [abs(predict(shape(c)) / t - 1) for c, t in truth.items() if c not in subset]
             rows += [{"trials": k, "form": name, "median_error": round(float(np.median(e)), 4),
