@@ -26,11 +26,18 @@ FORMS = [["mm"], ["mm", "step"], ["mm", "attn"], ["mm", "attn", "step"], ["mm", 
          ["mm", "narrow", "attn", "layer", "step"]]
 
 
+PRODUCT = "product (terms by trial count)"  # the product's own fit, `ThroughputModel.fit`
+
+
 def stored_calibrations(path=RESULTS / "calibrations-cpu.json") -> list[dict]:
     """One {(n_heads, n_layers): (tokens/s, steps)} per stored calibration (the other knobs are
     the CPU space's single choices)."""
-    stored = json.loads(path.read_text())["calibrations"]
-    return [{(t["n_heads"], t["n_layers"]): (t["tokens_per_s"], t["steps"]) for t in c["trials"]} for c in stored]
+    return by_config(json.loads(path.read_text())["calibrations"])
+
+
+def by_config(calibrations: list[dict]) -> list[dict]:
+    """A calibrations file's entries as {(n_heads, n_layers): (tokens/s, steps)}, one per calibration."""
+    return [{(t["n_heads"], t["n_layers"]): (t["tokens_per_s"], t["steps"]) for t in c["trials"]} for c in calibrations]
 
 
 def store_calibration(records: list, window_s: float, source: str) -> Path | None:
@@ -81,7 +88,7 @@ def run(vocab: int = 4096):
     stored = stored_calibrations()
     runs = [{c: v for c, (v, _) in r.items()} for r in stored]
     steps = [{c: n for c, (_, n) in r.items()} for r in stored]
-    forms = {"product (terms by trial count)": lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
+    forms = {PRODUCT: lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
     forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FORMS}
     errors = {name: [] for name in forms}
     repeat = []   # (steps, error of a measurement against the other calibrations' median, same config)
@@ -108,7 +115,7 @@ def run(vocab: int = 4096):
                     "median_error": round(float(np.median(e)), 4), "mean_error": round(float(np.mean(e)), 4),
                     "worst_error": round(float(np.max(e)), 4), "predictions": len(e)})
     floor = float(np.median([err for _, err in repeat]))
-    product = next(r for r in out if r["form"].startswith("product"))
+    product = next(r for r in out if r["form"] == PRODUCT)
     best = min((r for r in out if r["form"] in {" + ".join(t) for t in FORMS}), key=lambda r: r["median_error"])
     summary = (f"{len(runs)} stored calibrations ({sum(map(len, runs))} trials): the product's fit {product['median_error']:.1%} median held-out "
                f"error, best fixed form ({best['form']}) {best['median_error']:.1%}; two measurements of one "
@@ -132,11 +139,12 @@ def few_trials(vocab: int = 4096) -> list[dict]:
 
     space = load_space(SPACES_DIR / "cpu.yaml")
     shape = functools.lru_cache(maxsize=None)(lambda c: shape_of(space, vocab, *c))
-    forms = {"product (terms by trial count)": lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
+    forms = {PRODUCT: lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
     forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FEW_FORMS}
     results = []
     for path in sorted(RESULTS.glob("calibrations-*.json")):
-        runs = [{c: v for c, (v, _) in r.items()} for r in stored_calibrations(path)]
+        stored = json.loads(path.read_text())
+        runs = [{c: v for c, (v, _) in r.items()} for r in by_config(stored["calibrations"])]
         pooled: dict = {}
         for r in runs:
             for c, v in r.items():
@@ -155,9 +163,8 @@ def few_trials(vocab: int = 4096) -> list[dict]:
             rows += [{"trials": k, "form": name, "median_error": round(float(np.median(e)), 4),
                       "mean_error": round(float(np.mean(e)), 4), "predictions": len(e)}
                      for name, e in errors.items()]
-        stored = json.loads(path.read_text())
         by_k = {k: {r["form"]: r["median_error"] for r in rows if r["trials"] == k} for k in FEW}
-        product = [by_k[k].pop("product (terms by trial count)") for k in FEW]
+        product = [by_k[k].pop(PRODUCT) for k in FEW]
         best = [min(by_k[k].items(), key=lambda kv: kv[1]) for k in FEW]
         summary = (f"{len(runs)} calibration(s), fitted on every {'/'.join(map(str, FEW))}-trial subset: the product's fit "
                    + "/".join(f"{p:.1%}" for p in product) + " median error on the rest; "

@@ -99,7 +99,8 @@ def terms_for(shapes: list[Shape]) -> list[str]:
     terms = next(t for count, t in TERMS_BY_COUNT if len(shapes) >= count)
     if "narrow" in terms and len({s.model.d_model for s in shapes}) == 1:
         terms = [t for t in terms if t != "narrow"]
-        terms += [] if "step" in terms else ["step"]
+        if "step" not in terms:
+            terms.append("step")
     return terms
 
 
