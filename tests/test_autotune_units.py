@@ -11,7 +11,7 @@ from model.config import ConfigError, ModelConfig, flops_per_token
 from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
 from pipeline.autotune.plan import (ScalingLaw, effective_params, effective_tokens, law_params, memory_ceiling,
                                    plan)
-from pipeline.autotune.space import SPACES_DIR, load_space, model_config, to_run_config
+from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config, to_run_config
 
 
 
@@ -331,6 +331,24 @@ def test_space_rule_and_moe_errors(tmp_path):
 
 def _shapes(space) -> set:
     return {(c["n_heads"] * c["head_dim"], c["n_layers"]) for c in space.candidates()}
+
+
+def test_calibration_starts_with_a_ladder_of_widths():
+    """The first trials climb the widths, smallest model first, so the throughput fit sees wide
+    matrix products and does not extrapolate the narrow ones' FLOP rate."""
+    from pipeline.autotune.calibrate import LADDER, seed_points
+
+    cpu = load_space(SPACES_DIR / "cpu.yaml")
+    points = seed_points(cpu)
+    # the shallowest allowed depth at each width (aspect ratio ≤ 64), narrowest first
+    assert [(p["n_heads"] * p["head_dim"], p["n_layers"]) for p in points[:6]] == \
+        [(64, 2), (128, 2), (192, 3), (256, 4), (384, 6), (512, 8)]
+    assert all(cpu.allows(p) for p in points) and len({candidate_key(p) for p in points}) == len(points)
+    gpu = load_space(SPACES_DIR / "gpu.yaml")
+    widths = sorted({h * w for h in gpu.choices["n_heads"] for w in gpu.choices["head_dim"]})
+    ladder = [p["n_heads"] * p["head_dim"] for p in seed_points(gpu)[:LADDER]]
+    assert len(widths) > LADDER and ladder == sorted(ladder) and ladder[0] == widths[0] and ladder[-1] == widths[-1]
+    assert all(p["micro_batch"] == gpu.choices["micro_batch"][0] for p in seed_points(gpu)[:LADDER])
 
 
 def test_the_aspect_ratio_rule_keeps_only_shapes_in_its_range(tmp_path):

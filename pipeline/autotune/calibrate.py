@@ -15,9 +15,9 @@ appends its result and effective FLOP rate to a log beside the study; a later ca
 step would take more than half a window even at the best rate seen so far is not run
 ("too_slow", with that optimistic estimate as its objective): within twice the window it could
 not complete the four steps a reading needs. Seeds start with the smallest candidate, so the
-rate is known early. The same log makes repeats free: TPE over categorical knobs often suggests
-a configuration again, and a repeat gets the stored measurement (Optuna still sees its
-objective). Both answers are given in the driver, without a Tune trial (`DeadlineOptunaSearch`).
+rate is known early, and climb a ladder of widths (`seed_points`). The same log makes repeats
+free: TPE over categorical knobs often suggests a configuration again, and a repeat gets the
+stored measurement (Optuna still sees its objective). Both answers are given in the driver, without a Tune trial (`DeadlineOptunaSearch`).
 """
 from __future__ import annotations
 
@@ -246,14 +246,36 @@ def trial_resources(ray) -> tuple[dict, int]:
     return {"cpu": per_node}, max(1, len(nodes))
 
 
+# Widths measured first, at most: the space's widths spread from the narrowest to the widest.
+LADDER = 6
+
+
 def seed_points(space) -> list[dict]:
-    """Corner and centre points first, so the throughput fit sees the extremes early; the
-    smallest first, so later trials know the machine's rate (and skip hopeless steps)."""
+    """The first candidates to measure: a ladder of widths, then the centre and the far corner.
+
+    The ladder is the shallowest allowed candidate at each width, narrowest first (the other knobs
+    at their first choice), so the first trial tells later ones the machine's rate and each rung
+    raises it. The ladder stops by itself where a rung is too slow to read in a window
+    (`answer_without_running` answers those, and the wider ones, in the driver). It is there for
+    the throughput fit: narrow matrix products run at a lower FLOP rate, and a fit on widths 64
+    and 128 alone put widths 192-256 15-24% too slow on 2 Zen 3 cores, while the same fit with
+    d192-L3 among its three trials erred 3% (benchmarks/notes/predictor.md, session 21). Left to
+    TPE, a 45-s calibration there measured widths 64 and 128 only."""
     lo = {k: v[0] for k, v in space.choices.items()}
     hi = {k: v[-1] for k, v in space.choices.items()}
     mid = {k: v[len(v) // 2] for k, v in space.choices.items()}
     allowed = space.candidates()  # a corner the shape rules exclude: the allowed one in its place
-    points = []
+    shape_knobs = ("n_heads", "head_dim", "n_layers")
+    base = [c for c in allowed if all(c[k] == lo[k] for k in lo if k not in shape_knobs)] or allowed
+    shallowest: dict[int, dict] = {}
+    for c in base:
+        w = c["n_heads"] * c["head_dim"]
+        if w not in shallowest or c["n_layers"] < shallowest[w]["n_layers"]:
+            shallowest[w] = c
+    widths = sorted(shallowest)
+    if len(widths) > LADDER:
+        widths = [widths[round(i * (len(widths) - 1) / (LADDER - 1))] for i in range(LADDER)]
+    points = [shallowest[w] for w in widths]
     for p, stand_in in ((lo, allowed[0]), (mid, allowed[len(allowed) // 2]), (hi, allowed[-1])):
         p = p if space.allows(p) else stand_in
         if p not in points:
