@@ -32,10 +32,10 @@ TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # a lower FLOP rate is the largest effect after the FLOPs themselves. Fitted on every 2-, 3- and
 # 4-trial subset of eight stored CPU calibrations and predicting the other configurations, this
 # errs 19/13/11% (median) where the forms before it (`mm` from one trial, `mm + step` from three)
-# erred 34/22/18%. On two Zen 3 calibrations it is 1-2 points behind `mm + step` (14/10/9% against
-# 12/8/7%), but from the same four trials at widths 64 and 128 it predicted three wider held-out
-# models 15% off where `mm + step` was 18% off (`python -m benchmarks run predictor_few`;
-# benchmarks/notes/predictor_few.md).
+# erred 34/22/18%. On eight Zen 3 calibrations it is level with `mm + step` from two trials and
+# 1.2-1.3 points behind from three and four (14/13% against 13/12%); on that CPU's held-out
+# truths the two forms are level, once calibration's width ladder puts a wide trial into the fit
+# (`python -m benchmarks run predictor_few`; benchmarks/notes/predictor_few.md, predictor.md).
 TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (2, ["mm", "narrow"]), (1, ["mm"])]
 
 
