@@ -346,9 +346,10 @@ def test_calibration_starts_with_a_ladder_of_widths():
     assert all(cpu.allows(p) for p in points) and len({candidate_key(p) for p in points}) == len(points)
     gpu = load_space(SPACES_DIR / "gpu.yaml")
     widths = sorted({h * w for h in gpu.choices["n_heads"] for w in gpu.choices["head_dim"]})
-    ladder = [p["n_heads"] * p["head_dim"] for p in seed_points(gpu)[:LADDER]]
+    rungs = seed_points(gpu)[:LADDER]
+    ladder = [p["n_heads"] * p["head_dim"] for p in rungs]
     assert len(widths) > LADDER and ladder == sorted(ladder) and ladder[0] == widths[0] and ladder[-1] == widths[-1]
-    assert all(p["micro_batch"] == gpu.choices["micro_batch"][0] for p in seed_points(gpu)[:LADDER])
+    assert all(p["micro_batch"] == gpu.choices["micro_batch"][0] for p in rungs)
 
 
 def test_the_aspect_ratio_rule_keeps_only_shapes_in_its_range(tmp_path):

@@ -17,7 +17,8 @@ step would take more than half a window even at the best rate seen so far is not
 not complete the four steps a reading needs. Seeds start with the smallest candidate, so the
 rate is known early, and climb a ladder of widths (`seed_points`). The same log makes repeats
 free: TPE over categorical knobs often suggests a configuration again, and a repeat gets the
-stored measurement (Optuna still sees its objective). Both answers are given in the driver, without a Tune trial (`DeadlineOptunaSearch`).
+stored measurement (Optuna still sees its objective). Both answers are given in the driver,
+without a Tune trial (`DeadlineOptunaSearch`).
 """
 from __future__ import annotations
 
@@ -261,6 +262,8 @@ def seed_points(space) -> list[dict]:
     and 128 alone put widths 192-256 15-24% too slow on 2 Zen 3 cores, while the same fit with
     d192-L3 among its three trials erred 3% (benchmarks/notes/predictor.md, session 21). Left to
     TPE, a 45-s calibration there measured widths 64 and 128 only."""
+    from pipeline.autotune.space import width
+
     lo = {k: v[0] for k, v in space.choices.items()}
     hi = {k: v[-1] for k, v in space.choices.items()}
     mid = {k: v[len(v) // 2] for k, v in space.choices.items()}
@@ -269,7 +272,7 @@ def seed_points(space) -> list[dict]:
     base = [c for c in allowed if all(c[k] == lo[k] for k in lo if k not in shape_knobs)] or allowed
     shallowest: dict[int, dict] = {}
     for c in base:
-        w = c["n_heads"] * c["head_dim"]
+        w = width(c)
         if w not in shallowest or c["n_layers"] < shallowest[w]["n_layers"]:
             shallowest[w] = c
     widths = sorted(shallowest)

@@ -6,11 +6,11 @@ from pathlib import Path
 from rich.table import Table
 
 from pipeline.autotune.plan import PlanRow
+from pipeline.autotune.space import width
 
 
 def short(cand: dict) -> str:
-    d = cand["n_heads"] * cand["head_dim"]
-    s = f"d{d} L{cand['n_layers']} h{cand['n_heads']}×{cand['head_dim']} kv/{cand['kv_ratio']} T{cand['seq_len']} mb{cand['micro_batch']}"
+    s = f"d{width(cand)} L{cand['n_layers']} h{cand['n_heads']}×{cand['head_dim']} kv/{cand['kv_ratio']} T{cand['seq_len']} mb{cand['micro_batch']}"
     if cand.get("n_experts"):
         s += f" moe{cand['n_experts']}k{cand['top_k']}"
     if cand.get("activation_checkpointing"):

@@ -68,9 +68,14 @@ class SearchSpace:
         return len(self.candidates())
 
 
+def width(cand: dict) -> int:
+    """A candidate's d_model: its heads times their width."""
+    return cand["n_heads"] * cand["head_dim"]
+
+
 def aspect_ratio(cand: dict) -> float:
     """d_model / n_layers: 64 in nanochat's depth rule, 64 in GPT-2 small (768 / 12)."""
-    return cand["n_heads"] * cand["head_dim"] / cand["n_layers"]
+    return width(cand) / cand["n_layers"]
 
 
 def _fail(where: str, message: str):
@@ -164,7 +169,7 @@ def _largest_divisor_at_most(n: int, limit: float) -> int:
 
 
 def model_config(cand: dict, vocab_size: int) -> ModelConfig:
-    d_model = cand["n_heads"] * cand["head_dim"]
+    d_model = width(cand)
     ffn = int(math.ceil(cand["ffn_ratio"] * d_model / 32) * 32)
     return ModelConfig(
         vocab_size=vocab_size, d_model=d_model, n_layers=cand["n_layers"], n_heads=cand["n_heads"],
