@@ -426,7 +426,7 @@ def test_scaling_law_prefers_more_of_both():
 
 
 def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_path):
-    from pipeline.autotune.calibrate import run_candidate
+    from pipeline.autotune.calibrate import answer_without_running, run_candidate
     from pipeline.autotune.space import load_space
 
     space = load_space(SPACES_DIR / "cpu-tiny.yaml")
@@ -448,11 +448,14 @@ def test_a_trial_too_slow_at_the_best_measured_rate_is_not_run(tiny_data, tmp_pa
     assert skipped["status"] == "too_slow" and skipped["steps"] == 0 and "not run" in skipped["error"]
     assert time.monotonic() - started < measured["wall_s"]
     assert math.isfinite(skipped["objective"])            # Optuna still learns it is a bad region
-    # a step of 0.6 window even at the best rate: two steps (a reading) cannot fit, so not run either
+    # The first step is timed apart from the window, so a reading needs three more in twice the
+    # window: a step of 0.6 window fits them (1.8 windows) and is measured; 0.7 (2.1) does not.
     other = {**cand, "n_layers": space.choices["n_layers"][1]}
     cfg = to_run_config(other, space, tiny_data.vocab_size)
     step_flops = cfg.train.batch_tokens * flops_per_token(cfg.model, cfg.train.seq_len)
     rates.write_text(json.dumps({"flops_per_s": step_flops / (0.6 * ctx["window_s"])}) + "\n")
+    assert answer_without_running(other, ctx) is None
+    rates.write_text(json.dumps({"flops_per_s": step_flops / (0.7 * ctx["window_s"])}) + "\n")
     assert run_candidate(other, ctx)["steps"] == 0
 
 

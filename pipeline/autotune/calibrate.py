@@ -12,9 +12,9 @@ using every core of a CPU node, because concurrent trials would distort each oth
 A trial cannot stop in the middle of an optimizer step, so a candidate whose single step takes
 longer than the window would spend the calibration budget on one number. Every measured trial
 appends its result and effective FLOP rate to a log beside the study; a later candidate whose
-step would take more than half a window even at the best rate seen so far is not run
-("too_slow", with that optimistic estimate as its objective): within twice the window it could
-not complete the four steps a reading needs. Seeds start with the smallest candidate, so the
+step would take more than two thirds of a window at the best rate seen so far is not run
+("too_slow", with that estimate as its objective): within twice the window it could not complete
+the three steps that follow the first (timed apart, as compile) and complete a reading. Seeds start with the smallest candidate, so the
 rate is known early, and climb a ladder of widths (`seed_points`). The same log makes repeats
 free: TPE over categorical knobs often suggests a configuration again, and a repeat gets the
 stored measurement (Optuna still sees its objective). Both answers are given in the driver,
@@ -114,8 +114,8 @@ def _objective(cfg, tokens_per_s: float, ctx: dict) -> float:
 
 def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = None) -> dict | None:
     """A trial's metrics when it need not run, else None: a repeat of a measured candidate gets
-    its stored metrics (`repeat` set); a candidate whose step would take more than half a window
-    even at the best FLOP rate seen so far gets `too_slow`, with that optimistic estimate as its
+    its stored metrics (`repeat` set); a candidate whose step would take more than two thirds of
+    a window at the best FLOP rate seen so far gets `too_slow`, with that estimate as its
     objective — within twice the window it could not complete the steps a reading needs."""
     from model.config import flops_per_token
     from pipeline.autotune.space import candidate_key
@@ -132,8 +132,12 @@ def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = N
     flops = flops_per_token(cfg.model, cfg.train.seq_len)
     step_s = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len) * flops / rate
     # (Two windows until session 9: on 2 cores at a 10-minute budget, five of eighteen trials then
-    # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.)
-    if READING_STEPS * step_s <= 2 * ctx["window_s"]:
+    # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.) The first step is
+    # timed apart from the window (the engine restarts a trial's clock after it), so the steps
+    # that must fit in twice the window are the reading's others. Counting all four until session
+    # 22 screened out d192-L3 at a 10-minute budget on 2 Zen 3 cores (est. 2.0 s a step at d128's
+    # FLOP rate; a wider model runs at a higher rate, and it read 1.4 s a step at 15 minutes).
+    if (READING_STEPS - 1) * step_s <= 2 * ctx["window_s"]:
         return None
     return {"status": "too_slow", "tokens_per_s": rate / flops, "peak_memory_bytes": 0.0, "mfu": None,
             OBJECTIVE: _objective(cfg, rate / flops, ctx), "compile_s": 0.0, "steps": 0,
