@@ -487,6 +487,34 @@ def test_a_trial_without_a_reading_never_sets_the_rate_others_are_screened_at(ti
     assert "smaller --space" in no_reading_error([TrialRecord(key="a", candidate=cand, status="oom")], 3.0)
 
 
+def test_a_wider_rung_the_fit_puts_within_reach_is_measured_though_the_best_rate_says_too_slow(tiny_data, tmp_path):
+    # (session 22, 2 Zen 3 cores, 3-s windows: d128-L2's FLOP rate put d192-L3's step at 2.4 s,
+    # too slow to read, while the fit of d64-L2 and d128-L2 put it at 1.7 s; it reads 1.4 s)
+    from pipeline.autotune.calibrate import answer_without_running
+
+    space = load_space(SPACES_DIR / "cpu.yaml")
+    base = {k: v[0] for k, v in space.choices.items()}
+    d64, d128, d192, d512 = ({**base, "n_heads": h, "n_layers": n} for h, n in ((1, 2), (2, 2), (3, 3), (8, 8)))
+    shape = {key: Shape.of(to_run_config(c, space, tiny_data.vocab_size)) for key, c in
+             (("d64", d64), ("d128", d128), ("d192", d192), ("d512", d512))}
+    readings = {"d64": (d64, 11193.0), "d128": (d128, 8228.0)}   # tokens/s read on that machine
+    earlier = [{"key": candidate_key(c), "candidate": c, "metrics": {"tokens_per_s": tps},
+                "flops_per_s": tps * flops_per_token(shape[k].model, shape[k].seq_len)}
+               for k, (c, tps) in readings.items()]
+    best_rate = max(e["flops_per_s"] for e in earlier)
+    by_rate = shape["d192"].batch_tokens * flops_per_token(shape["d192"].model, shape["d192"].seq_len) / best_rate
+    by_fit = shape["d192"].batch_tokens / ThroughputModel.fit(
+        [shape["d64"], shape["d128"]], [tps for _, tps in readings.values()]).tokens_per_s(shape["d192"])
+    assert by_fit < 0.8 * by_rate
+    # a window where three steps fit at the fitted speed but not at the best rate
+    ctx = {**_ctx(space, tiny_data, tmp_path / "unused.jsonl"), "window_s": 1.5 * (by_fit + by_rate) / 2}
+    assert answer_without_running(d192, ctx, earlier) is None                  # measured
+    skipped = answer_without_running(d192, ctx, earlier[1:])                   # one reading: no fit yet
+    assert skipped["status"] == "too_slow" and skipped["steps"] == 0
+    widest = answer_without_running(d512, ctx, earlier)                        # too slow either way
+    assert widest["status"] == "too_slow" and widest["tokens_per_s"] < readings["d128"][1]
+
+
 def _ctx(space, data, trials_log):
     return {"space": {"name": space.name, "choices": space.choices, "rules": space.rules},
             "data_folder": str(data.folder), "window_s": 4.0, "max_steps": 3, "full_seconds": 600,

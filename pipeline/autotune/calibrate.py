@@ -12,9 +12,10 @@ using every core of a CPU node, because concurrent trials would distort each oth
 A trial cannot stop in the middle of an optimizer step, so a candidate whose single step takes
 longer than the window would spend the calibration budget on one number. Every measured trial
 appends its result and effective FLOP rate to a log beside the study; a later candidate whose
-step would take more than two thirds of a window at the best rate seen so far is not run
-("too_slow", with that estimate as its objective): within twice the window it could not complete
-the three steps that follow the first (timed apart, as compile) and complete a reading. Seeds start with the smallest candidate, so the
+step would take more than two thirds of a window, both at the best rate seen so far and as the
+throughput model fitted to the readings so far predicts it, is not run ("too_slow", with the
+faster estimate as its objective): within twice the window it could not complete the three steps
+that follow the first (timed apart, as compile) and complete a reading. Seeds start with the smallest candidate, so the
 rate is known early, and climb a ladder of widths (`seed_points`). The same log makes repeats
 free: TPE over categorical knobs often suggests a configuration again, and a repeat gets the
 stored measurement (Optuna still sees its objective). Both answers are given in the driver,
@@ -79,10 +80,27 @@ def _best_rate(earlier: list[dict]) -> float | None:
     return max(rates) if rates else None
 
 
-def _record(path: str | None, key: str, flops_per_s: float | None, metrics: dict) -> None:
+def _record(path: str | None, cand: dict, flops_per_s: float | None, metrics: dict) -> None:
+    from pipeline.autotune.space import candidate_key
+
     if path:
         with contextlib.suppress(OSError), open(path, "a") as fh:
-            fh.write(json.dumps({"key": key, "flops_per_s": flops_per_s, "metrics": metrics}) + "\n")
+            fh.write(json.dumps({"key": candidate_key(cand), "candidate": cand, "flops_per_s": flops_per_s,
+                                 "metrics": metrics}) + "\n")
+
+
+def _fitted_tokens_per_s(cand: dict, earlier: list[dict], ctx: dict, vocab_size: int) -> float | None:
+    """`cand`'s tokens/s as the throughput model fitted to this study's readings so far predicts
+    it (None before two readings). On a ladder of widths this is the better guess for the next,
+    wider rung: wide matrix products run at a higher FLOP rate than the narrow ones measured."""
+    from pipeline.autotune.fit import Shape, ThroughputModel
+
+    readings = [e for e in earlier if e.get("flops_per_s") and e.get("candidate")]
+    if len(readings) < 2:
+        return None
+    shapes = [Shape.of(_run_config(e["candidate"], ctx, vocab_size)) for e in readings]
+    model = ThroughputModel.fit(shapes, [e["metrics"]["tokens_per_s"] for e in readings])
+    return model.tokens_per_s(Shape.of(_run_config(cand, ctx, vocab_size)))
 
 
 # A reading is the median of the steady steps: two warm-up steps are dropped (allocation, compile)
@@ -115,8 +133,9 @@ def _objective(cfg, tokens_per_s: float, ctx: dict) -> float:
 def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = None) -> dict | None:
     """A trial's metrics when it need not run, else None: a repeat of a measured candidate gets
     its stored metrics (`repeat` set); a candidate whose step would take more than two thirds of
-    a window at the best FLOP rate seen so far gets `too_slow`, with that estimate as its
-    objective — within twice the window it could not complete the steps a reading needs."""
+    a window, both at the best FLOP rate seen so far and as the throughput model fitted to the
+    readings so far predicts it, gets `too_slow`, with the faster estimate as its objective —
+    within twice the window it could not complete the steps a reading needs."""
     from model.config import flops_per_token
     from pipeline.autotune.space import candidate_key
 
@@ -128,19 +147,22 @@ def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = N
     rate = _best_rate(earlier)
     if rate is None or _inject_oom(cand, ctx.get("inject_oom")):
         return None
-    cfg = _run_config(cand, ctx)
-    flops = flops_per_token(cfg.model, cfg.train.seq_len)
-    step_s = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len) * flops / rate
+    vocab_size = _data_meta(ctx)["vocab_size"]
+    cfg = _run_config(cand, ctx, vocab_size)
+    tokens_per_s = max(rate / flops_per_token(cfg.model, cfg.train.seq_len),
+                       _fitted_tokens_per_s(cand, earlier, ctx, vocab_size) or 0.0)
+    step_s = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len) / tokens_per_s
     # (Two windows until session 9: on 2 cores at a 10-minute budget, five of eighteen trials then
     # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.) The first step is
     # timed apart from the window (the engine restarts a trial's clock after it), so the steps
     # that must fit in twice the window are the reading's others. Counting all four until session
-    # 22 screened out d192-L3 at a 10-minute budget on 2 Zen 3 cores (est. 2.0 s a step at d128's
-    # FLOP rate; a wider model runs at a higher rate, and it read 1.4 s a step at 15 minutes).
+    # 22 screened out d192-L3 at a 10-minute budget on 2 Zen 3 cores, and so did the best rate
+    # alone: d128-L2's FLOP rate put its step at 2.0-2.4 s, where the fit of d64-L2 and d128-L2
+    # put it at 1.7 s (wider matrix products run faster; it read 1.4 s at 15 minutes).
     if (READING_STEPS - 1) * step_s <= 2 * ctx["window_s"]:
         return None
-    return {"status": "too_slow", "tokens_per_s": rate / flops, "peak_memory_bytes": 0.0, "mfu": None,
-            OBJECTIVE: _objective(cfg, rate / flops, ctx), "compile_s": 0.0, "steps": 0,
+    return {"status": "too_slow", "tokens_per_s": tokens_per_s, "peak_memory_bytes": 0.0, "mfu": None,
+            OBJECTIVE: _objective(cfg, tokens_per_s, ctx), "compile_s": 0.0, "steps": 0,
             "loss_first": None, "loss_last": None, "loss_trace": [],
             "error": f"not run: one step would take ≥ {step_s:.1f}s"}
 
@@ -150,7 +172,6 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     import torch
 
     from model.config import flops_per_token
-    from pipeline.autotune.space import candidate_key
     from pipeline.data.cache import PreparedData
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
@@ -188,10 +209,10 @@ def run_candidate(cand: dict, ctx: dict) -> dict:
     if out["status"] in ("ok", "too_slow") and out["tokens_per_s"] > 0:
         out[OBJECTIVE] = _objective(cfg, out["tokens_per_s"], ctx)
     if out["steps"] > 0 or out["status"] == "oom":  # a measurement (not a skip): kept for repeats
-        # Only a reading sets the rate later candidates are screened at: a trial with too few
-        # steps reads its warm-up, and at 5% of the real rate it once ruled out every other
-        # candidate of a GPU study as too slow (session 17).
-        _record(ctx.get("trials_log"), candidate_key(cand),
+        # Only a reading sets the rate (and the fit) later candidates are screened at: a trial
+        # with too few steps reads its warm-up, and at 5% of the real rate it once ruled out
+        # every other candidate of a GPU study as too slow (session 17).
+        _record(ctx.get("trials_log"), cand,
                 out["tokens_per_s"] * flops if out["status"] == "ok" and out["tokens_per_s"] > 0 else None, out)
     out["wall_s"] = time.monotonic() - started
     return out
