@@ -130,10 +130,23 @@ FEW = (2, 3, 4)
 FEW_FORMS = [["mm"], ["mm", "step"], ["mm", "narrow"], ["mm", "narrow", "step"]]
 
 
+def ladder(trials: dict) -> list:
+    """A calibration's trials as calibration's width ladder would have given them (`seed_points`):
+    the shallowest measured model at each width, narrowest first."""
+    rungs: dict = {}
+    for heads, layers in sorted(trials):
+        rungs.setdefault(heads, (heads, layers))
+    return list(rungs.values())
+
+
 def few_trials(vocab: int = 4096) -> list[dict]:
-    """The forms fitted on few trials, per stored calibration file (each a machine): every subset
-    of 2, 3 and 4 trials of each calibration fits each form and predicts every other
-    configuration the file measured, whose truth is the median of all its measurements there."""
+    """The forms fitted on few trials, per stored calibration file (each a machine). Two kinds of
+    subsets of 2, 3 and 4 trials of each calibration fit each form, which predicts every other
+    configuration the file measured (truth: the median of all its measurements there):
+    - `ladder`: the first rungs of the calibration's width ladder, one trial per width, narrowest
+      first. Since session 21 calibration starts with this ladder, so at short budgets these are
+      the trials the product's fit gets; the goal is judged on them.
+    - `random`: every subset, as TPE's picks would be (reported, not judged)."""
     from pipeline.autotune.fit import ThroughputModel
     from pipeline.autotune.space import SPACES_DIR, load_space
 
@@ -141,6 +154,8 @@ def few_trials(vocab: int = 4096) -> list[dict]:
     shape = functools.lru_cache(maxsize=None)(lambda c: shape_of(space, vocab, *c))
     forms = {PRODUCT: lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
     forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FEW_FORMS}
+    subsets = {"ladder": lambda r, k: [ladder(r)[:k]] if len(ladder(r)) >= k else [],
+               "random": lambda r, k: itertools.combinations(r, k)}
     results = []
     for path in sorted(RESULTS.glob("calibrations-*.json")):
         stored = json.loads(path.read_text())
@@ -151,28 +166,38 @@ def few_trials(vocab: int = 4096) -> list[dict]:
                 pooled.setdefault(c, []).append(v)
         truth = {c: statistics.median(v) for c, v in pooled.items()}
         rows = []
-        for k in FEW:
-            fitted = {name: form for name, form in forms.items() if len(name.split(" + ")) <= k}  # terms ≤ trials
-            errors = {name: [] for name in fitted}
-            for r in runs:
-                for subset in itertools.combinations(r, k):
-                    shapes, rates = [shape(c) for c in subset], [r[c] for c in subset]
-                    for name, form in fitted.items():
-                        predict = form(shapes, rates)
-                        errors[name] += [abs(predict(shape(c)) / t - 1) for c, t in truth.items() if c not in subset]
-            rows += [{"trials": k, "form": name, "median_error": round(float(np.median(e)), 4),
-                      "mean_error": round(float(np.mean(e)), 4), "predictions": len(e)}
-                     for name, e in errors.items()]
-        by_k = {k: {r["form"]: r["median_error"] for r in rows if r["trials"] == k} for k in FEW}
-        product = [by_k[k].pop(PRODUCT) for k in FEW]
-        best = [min(by_k[k].items(), key=lambda kv: kv[1]) for k in FEW]
-        summary = (f"{len(runs)} calibration(s), fitted on every {'/'.join(map(str, FEW))}-trial subset: the product's fit "
-                   + "/".join(f"{p:.1%}" for p in product) + " median error on the rest; "
-                   + "; ".join(f"{form} " + "/".join(f"{by_k[k][form]:.1%}" if form in by_k[k] else "—" for k in FEW)
-                               for form in (" + ".join(t) for t in FEW_FORMS)))
+        for kind, pick in subsets.items():
+            for k in FEW:
+                fitted = {name: form for name, form in forms.items() if len(name.split(" + ")) <= k}  # terms ≤ trials
+                errors = {name: [] for name in fitted}
+                for r in runs:
+                    for subset in pick(r, k):
+                        shapes, rates = [shape(c) for c in subset], [r[c] for c in subset]
+                        for name, form in fitted.items():
+                            predict = form(shapes, rates)
+                            errors[name] += [abs(predict(shape(c)) / t - 1) for c, t in truth.items() if c not in subset]
+                rows += [{"subsets": kind, "trials": k, "form": name, "median_error": round(float(np.median(e)), 4),
+                          "mean_error": round(float(np.mean(e)), 4), "predictions": len(e)}
+                         for name, e in errors.items() if e]
+        met, parts = True, []
+        for kind in subsets:
+            by_k = {k: {r["form"]: r["median_error"] for r in rows if r["subsets"] == kind and r["trials"] == k} for k in FEW}
+            counts = [k for k in FEW if PRODUCT in by_k[k]]
+            product = [by_k[k].pop(PRODUCT) for k in counts]
+            best = [min(by_k[k].values()) for k in counts]
+            if kind == "ladder":
+                met = bool(counts) and all(p <= b + 0.01 for p, b in zip(product, best))
+            label = ("the ladder's first rungs (one trial per width, narrowest first, as calibration starts)"
+                     if kind == "ladder" else "every subset")
+            parts.append(f"{label}, {'/'.join(map(str, counts))} trials: the product's fit "
+                         + "/".join(f"{p:.1%}" for p in product) + " median error on the rest; "
+                         + "; ".join(f"{form} " + "/".join(f"{by_k[k][form]:.1%}" if form in by_k[k] else "—"
+                                                         for k in counts)
+                                     for form in (" + ".join(t) for t in FEW_FORMS)))
+        summary = f"{len(runs)} calibration(s), fitted on " + "; and on ".join(parts)
         on = (path.stem[len("calibrations-"):], stored["machine"])
         results.append(save("predictor_few", rows, summary, "the product's form within 1 point of the best at "
-                            "each trial count", all(p <= b + 0.01 for p, (_, b) in zip(product, best)),
+                            "each trial count, on the ladder's first rungs", met,
                             "python -m benchmarks run predictor_few", on=on))
     return results
 
