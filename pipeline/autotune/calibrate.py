@@ -15,11 +15,12 @@ appends its result and effective FLOP rate to a log beside the study; a later ca
 step would take more than two thirds of a window, both at the best rate seen so far and as the
 throughput model fitted to the readings so far predicts it, is not run ("too_slow", with the
 faster estimate as its objective): within twice the window it could not complete the three steps
-that follow the first (timed apart, as compile) and complete a reading. Seeds start with the smallest candidate, so the
-rate is known early, and climb a ladder of widths (`seed_points`). The same log makes repeats
-free: TPE over categorical knobs often suggests a configuration again, and a repeat gets the
-stored measurement (Optuna still sees its objective). Both answers are given in the driver,
-without a Tune trial (`DeadlineOptunaSearch`).
+that follow the first (timed apart, as compile) and complete a reading. Seeds start with the
+smallest candidate, so the rate is known early, and climb a ladder of widths (`seed_points`),
+on which the fit, not the narrow models' rate, says how fast the next rung will run. The same
+log makes repeats free: TPE over categorical knobs often suggests a configuration again, and a
+repeat gets the stored measurement (Optuna still sees its objective). Both answers are given in
+the driver, without a Tune trial (`DeadlineOptunaSearch`).
 """
 from __future__ import annotations
 
