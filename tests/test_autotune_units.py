@@ -513,6 +513,9 @@ def test_a_wider_rung_the_fit_puts_within_reach_is_measured_though_the_best_rate
     assert skipped["status"] == "too_slow" and skipped["steps"] == 0
     widest = answer_without_running(d512, ctx, earlier)                        # too slow either way
     assert widest["status"] == "too_slow" and widest["tokens_per_s"] < readings["d128"][1]
+    # where the device's peak is known (a GPU), the fit never promises more than it
+    capped = answer_without_running(d192, {**ctx, "peak_flops": best_rate}, earlier)
+    assert capped["status"] == "too_slow"
 
 
 def _ctx(space, data, trials_log):
