@@ -35,7 +35,7 @@ TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # erred 34/22/18%. On eight Zen 3 calibrations it is level with `mm + step` from two trials and
 # 1.2-1.3 points behind from three and four (14/13% against 13/12%). But calibration starts with
 # a ladder of widths, and on the ladder's first 2/3/4 rungs (one trial per width) it is the best
-# form on both CPUs: 16/10/8% on Zen 3 where `mm + step` errs 22/12/15%
+# form on the old CPU, and on 14 Zen 3 calibrations 14/9.5/7.7% against `mm + step`'s 16/9.1/8.3%
 # (`python -m benchmarks run predictor_few`; benchmarks/notes/predictor_few.md, predictor.md).
 TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (2, ["mm", "narrow"]), (1, ["mm"])]
 
