@@ -139,6 +139,12 @@ def ladder(trials: dict) -> list:
     return list(rungs.values())
 
 
+def _first_rungs(trials: dict, k: int) -> list[list]:
+    """The ladder's first `k` rungs as the one subset of a calibration (none if it has fewer)."""
+    rungs = ladder(trials)
+    return [rungs[:k]] if len(rungs) >= k else []
+
+
 def few_trials(vocab: int = 4096) -> list[dict]:
     """The forms fitted on few trials, per stored calibration file (each a machine). Two kinds of
     subsets of 2, 3 and 4 trials of each calibration fit each form, which predicts every other
@@ -154,8 +160,7 @@ def few_trials(vocab: int = 4096) -> list[dict]:
     shape = functools.lru_cache(maxsize=None)(lambda c: shape_of(space, vocab, *c))
     forms = {PRODUCT: lambda sh, v: ThroughputModel.fit(sh, v).tokens_per_s}
     forms |= {" + ".join(t): (lambda t: lambda sh, v: _fixed_form(t, sh, v))(t) for t in FEW_FORMS}
-    subsets = {"ladder": lambda r, k: [ladder(r)[:k]] if len(ladder(r)) >= k else [],
-               "random": lambda r, k: itertools.combinations(r, k)}
+    subsets = {"ladder": _first_rungs, "random": itertools.combinations}
     results = []
     for path in sorted(RESULTS.glob("calibrations-*.json")):
         stored = json.loads(path.read_text())

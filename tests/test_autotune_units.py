@@ -11,7 +11,7 @@ from model.config import ConfigError, ModelConfig, flops_per_token
 from pipeline.autotune.fit import (MemoryModel, Shape, ThroughputModel, features, leave_one_out_error)
 from pipeline.autotune.plan import (ScalingLaw, effective_params, effective_tokens, law_params, memory_ceiling,
                                    plan)
-from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config, to_run_config
+from pipeline.autotune.space import SPACES_DIR, candidate_key, load_space, model_config, to_run_config, width
 
 
 
@@ -347,7 +347,7 @@ def test_calibration_starts_with_a_ladder_of_widths():
     gpu = load_space(SPACES_DIR / "gpu.yaml")
     widths = sorted({h * w for h in gpu.choices["n_heads"] for w in gpu.choices["head_dim"]})
     rungs = seed_points(gpu)[:LADDER]
-    ladder = [p["n_heads"] * p["head_dim"] for p in rungs]
+    ladder = [width(p) for p in rungs]
     assert len(widths) > LADDER and ladder == sorted(ladder) and ladder[0] == widths[0] and ladder[-1] == widths[-1]
     assert all(p["micro_batch"] == gpu.choices["micro_batch"][0] for p in rungs)
 

@@ -90,24 +90,22 @@ def _record(path: str | None, cand: dict, flops_per_s: float | None, metrics: di
                                  "metrics": metrics}) + "\n")
 
 
-def _fitted_tokens_per_s(cfg, earlier: list[dict], ctx: dict, vocab_size: int) -> float | None:
-    """A candidate's tokens/s (`cfg`: its run config) as the throughput model fitted to this
+def _fitted_tokens_per_s(shape, flops: float, earlier: list[dict], ctx: dict, vocab_size: int) -> float | None:
+    """A candidate's tokens/s (`shape`, `flops` per token) as the throughput model fitted to this
     study's readings so far predicts it, never above the device's peak FLOP rate where one is
     known (None before two readings). On a ladder of widths this is the better guess for the
     next, wider rung: wide matrix products run at a higher FLOP rate than the narrow ones measured."""
-    from model.config import flops_per_token
     from pipeline.autotune.fit import Shape, ThroughputModel
 
     readings = [e for e in earlier if e.get("flops_per_s") and e.get("candidate")]
     if len(readings) < 2:
         return None
     shapes = [Shape.of(_run_config(e["candidate"], ctx, vocab_size)) for e in readings]
-    model = ThroughputModel.fit(shapes, [e["metrics"]["tokens_per_s"] for e in readings])
-    fitted = model.tokens_per_s(Shape.of(cfg))
+    fitted = ThroughputModel.fit(shapes, [e["metrics"]["tokens_per_s"] for e in readings]).tokens_per_s(shape)
     # (On a GPU, 3-s eager trials of small models read launch overhead more than FLOPs, and a fit
     # of two of them can promise a wide model any speed; the peak bounds it.)
     peak = ctx.get("peak_flops")
-    return min(fitted, peak / flops_per_token(cfg.model, cfg.train.seq_len)) if peak else fitted
+    return min(fitted, peak / flops) if peak else fitted
 
 
 # A reading is the median of the steady steps: two warm-up steps are dropped (allocation, compile)
@@ -144,6 +142,7 @@ def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = N
     readings so far predicts it, gets `too_slow`, with the faster estimate as its objective —
     within twice the window it could not complete the steps a reading needs."""
     from model.config import flops_per_token
+    from pipeline.autotune.fit import Shape
     from pipeline.autotune.space import candidate_key
 
     earlier = _earlier(ctx.get("trials_log")) if earlier is None else earlier
@@ -156,9 +155,9 @@ def answer_without_running(cand: dict, ctx: dict, earlier: list[dict] | None = N
         return None
     vocab_size = _data_meta(ctx)["vocab_size"]
     cfg = _run_config(cand, ctx, vocab_size)
-    tokens_per_s = max(rate / flops_per_token(cfg.model, cfg.train.seq_len),
-                       _fitted_tokens_per_s(cfg, earlier, ctx, vocab_size) or 0.0)
-    step_s = max(cfg.train.batch_tokens, cfg.train.micro_batch * cfg.train.seq_len) / tokens_per_s
+    shape, flops = Shape.of(cfg), flops_per_token(cfg.model, cfg.train.seq_len)
+    tokens_per_s = max(rate / flops, _fitted_tokens_per_s(shape, flops, earlier, ctx, vocab_size) or 0.0)
+    step_s = shape.batch_tokens / tokens_per_s
     # (Two windows until session 9: on 2 cores at a 10-minute budget, five of eighteen trials then
     # ran one 2-4 s step each, 15 of the 53 s of calibration, for no reading.) The first step is
     # timed apart from the window (the engine restarts a trial's clock after it), so the steps
