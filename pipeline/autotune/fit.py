@@ -36,7 +36,10 @@ TERMS = ["mm", "narrow", "attn", "layer", "step"]
 # 1.2-1.3 points behind from three and four (14/13% against 13/12%). But calibration starts with
 # a ladder of widths, and on the ladder's first 2/3/4 rungs (one trial per width) it is the best
 # form on the old CPU, and on 14 Zen 3 calibrations 14/9.5/7.7% against `mm + step`'s 16/9.1/8.3%
-# (`python -m benchmarks run predictor_few`; benchmarks/notes/predictor_few.md, predictor.md).
+# (`mm + narrow + step` leads there at three rungs, 8.2%). On a third CPU (Zen 4, bf16; 4
+# calibrations) it is the best form at every count, on the ladder
+# and on every subset (`python -m benchmarks run predictor_few`; benchmarks/notes/predictor_few.md,
+# predictor.md).
 TERMS_BY_COUNT = [(7, TERMS), (5, ["mm", "narrow", "attn", "step"]), (2, ["mm", "narrow"]), (1, ["mm"])]
 
 
