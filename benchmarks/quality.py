@@ -85,8 +85,8 @@ GRID = {"d64-L1": (64, 1, 1), "d64-L2": (64, 2, 2), "d128-L1": (128, 1, 2), "d12
         # (12.7 epochs) at the deadline, where autotune's d192-L3 stops early (session 25)
         "d192-L4": (192, 4, 3),
         # d192-L4 then sat on the grid's edge at 30 minutes in bf16, the flattering case above, so a
-        # wider and a deeper point go past it (session 27)
-        "d256-L3": (256, 3, 4), "d192-L5": (192, 5, 3)}
+        # wider and a deeper point go past it, and one past the wider one once it won (session 27)
+        "d256-L3": (256, 3, 4), "d192-L5": (192, 5, 3), "d256-L4": (256, 4, 4)}
 
 
 def grid_config(name: str, vocab: int) -> dict:
