@@ -25,7 +25,7 @@ import statistics
 
 from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 from benchmarks.predictor_forms import shape_of, stored_calibrations
-from benchmarks.quality import BF16, COMPARISONS, _arms_file, arm_name
+from benchmarks.quality import BF16, _arms_file, all_comparisons, arm_name
 
 R_N = [5.3, 10.0, 15.0, 16.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
@@ -177,10 +177,10 @@ VARIANT_R_N = [5.3, 8.0, 16.0, 50.0, 1e9]
 
 def _comparisons() -> dict[str, list]:
     """{"sessions 1–8 eager 10 min": runs, …}: every stored comparison's grid and autotune runs."""
-    files = {"sessions 1–8 eager": RESULTS / "quality-arms-cpu.json",
-             "eager": _arms_file(COMPARISONS[False]), "compiled": _arms_file(COMPARISONS[True]),
-             # the product as it ships on a CPU with bf16 (session 16 on): its grids are the widest
-             "compiled bf16": _arms_file(COMPARISONS[True] + BF16)}
+    # every comparison `quality` stores, bf16 ones included (the product as it ships on a CPU with bf16)
+    files = {"sessions 1–8 eager": RESULTS / "quality-arms-cpu.json"} | {
+        ("compiled" if compiled else "eager") + (" bf16" if name.endswith(BF16) else ""): _arms_file(name)
+        for name, compiled in all_comparisons().items()}
     out = {}
     for label, path in files.items():
         if path.is_file():
