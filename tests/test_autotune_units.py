@@ -648,6 +648,95 @@ def test_several_workers_scale_every_rate_by_their_measured_efficiency():
     assert all(two[k] == pytest.approx(1.6 * one[k]) for k in one)
 
 
+def test_the_full_runs_compile_gain_scales_every_rate_and_more_compute_plans_a_bigger_model():
+    ev, cands, rate = _evidence()
+    before = ev.plan(600)
+    ev.compile_gain = 10.0  # past the coarse grid's next size up
+    after = ev.plan(600)
+    one = {r.key: r.tokens_per_s for r in before}
+    assert all(r.tokens_per_s == pytest.approx(10.0 * one[r.key]) for r in after)
+    assert after[0].params > before[0].params  # compute-optimal: more tokens/s, a bigger model
+
+
+def _cpu_space_evidence(unique_tokens=1.33e6):
+    """Evidence over the CPU space's own candidates (their full-run configs build), read at a
+    fixed FLOP rate from trials of its six smallest shapes."""
+    from pipeline.autotune.calibrate import TrialRecord
+    from pipeline.autotune.evidence import Evidence
+
+    space = load_space(SPACES_DIR / "cpu.yaml")
+    cands = [(candidate_key(c), c, Shape.of(to_run_config(c, space, 512))) for c in space.candidates()]
+    cands.sort(key=lambda kcs: law_params(kcs[2]))
+    by_key = {k: s for k, _, s in cands}
+    rate = FlopRate(5e10)
+    records = [TrialRecord(key=k, candidate=c, status="ok", tokens_per_s=rate.tokens_per_s(s), steps=10)
+               for k, c, s in cands[:6]]
+    ev = Evidence.from_trials(records, cands, lambda c: by_key[candidate_key(c)], amp=False,
+                              memory_bytes=1e15, unique_tokens=unique_tokens)
+    return space, ev
+
+
+def test_the_compile_gain_is_measured_on_the_leader_then_once_on_a_new_leader_and_applied(monkeypatch):
+    """Trials eager, full run compiled (the CPU space): the leader's full-run config is measured
+    compiled against eager; if the plan's lead moves, the new leader's own gain is what applies."""
+    from types import SimpleNamespace
+
+    import pipeline.autotune.finalists as finalists
+    from pipeline.autotune.__main__ import _compile_gain
+
+    space, ev = _cpu_space_evidence()
+    measured = []
+
+    def fake_gain(cfg, data, seconds, log):
+        assert cfg.train.compile and seconds == 7.0  # the full run's config, compiled, as it will train
+        measured.append((cfg.model.d_model, cfg.model.n_layers))
+        return 3.0 if len(measured) == 1 else 1.4  # the first leader gains a lot, the next less
+
+    monkeypatch.setattr(finalists, "compile_gain", fake_gain)
+    pipe = SimpleNamespace(state={})
+    rows = ev.plan(800)
+    first = rows[0]
+    rows = _compile_gain(pipe, SimpleNamespace(seed=0, set=[]), space, SimpleNamespace(vocab_size=512), ev, rows,
+                         7.0, lambda: ev.plan(800))
+    assert rows[0].key != first.key and len(measured) == 2  # 3x more tokens moved the lead: measured again
+    assert ev.compile_gain == 1.4 and pipe.state["compile_gain"]["applied"] == 1.4
+    assert pipe.state["compile_gain"]["measured"][first.key] == 3.0
+    assert list(pipe.state["compile_gain"]["measured"].values()) == [3.0, 1.4]
+    # --set train.compile=false: the full run trains eagerly, as the trials did; nothing measured
+    space, ev = _cpu_space_evidence()
+    measured.clear()
+    _compile_gain(SimpleNamespace(state={}), SimpleNamespace(seed=0, set=["train.compile=false"]), space,
+                  SimpleNamespace(vocab_size=512), ev, ev.plan(800), 7.0, lambda: ev.plan(800))
+    assert measured == [] and ev.compile_gain == 1.0
+
+
+@pytest.mark.slow
+def test_the_compile_gain_is_compiled_over_eager_tokens_per_s_and_none_when_a_side_fails(tiny_data, monkeypatch):
+    from conftest import tiny_run_config
+    from pipeline.autotune.finalists import MIN_TIMED, compile_gain
+    from pipeline.train.engine import Trainer
+
+    step = Trainer.train_step
+    steps = {"compiled": 0, "eager": 0}
+
+    def counted(self, lr):
+        steps["compiled" if self.forward is not self.model else "eager"] += 1
+        return step(self, lr)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    gain = compile_gain(tiny_run_config(), tiny_data, 0.5, log=lambda *_: None)
+    assert gain is not None and 0.2 < gain < 20
+    assert steps["compiled"] >= 2 + MIN_TIMED and steps["eager"] >= 2 + MIN_TIMED  # warm-up excluded, then timed
+
+    def compiled_fails(self, lr):
+        if self.forward is not self.model:
+            raise RuntimeError("injected: no C++ compiler")
+        return step(self, lr)
+
+    monkeypatch.setattr(Trainer, "train_step", compiled_fails)
+    assert compile_gain(tiny_run_config(), tiny_data, 0.5, log=lambda *_: None) is None
+
+
 def test_finalists_are_the_two_leaders_and_any_other_within_the_margin():
     from pipeline.autotune.finalists import contenders
 

@@ -322,6 +322,18 @@ def test_sigterm_in_process_writes_checkpoint_and_resumes(tiny_data, tmp_path):
     assert res.steps == 4 and res.stopped == "tokens"
 
 
+def test_sigterm_without_a_run_dir_says_nothing_was_saved_instead_of_a_resume_command(tiny_data):
+    # a benchmark's in-memory trainer once printed "resume with: ... --resume None" (session 28)
+    def term(trainer, loss):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    with pytest.raises(Interrupted, match="nothing was saved to resume") as err:
+        make(tiny_data, Budget(tokens=8 * 1024), loss_hook=term).run()
+    assert "None" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_cli_sigterm_then_resume(tmp_path):
     """The real command: SIGTERM mid-run → checkpoint, exit 130, resume finishes the run."""

@@ -221,7 +221,7 @@ def calibration_share(budget_s: float) -> float:
 
 def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     from pipeline.autotune import calibrate as cal
-    from pipeline.autotune.finalists import finalist_seconds
+    from pipeline.autotune.finalists import compile_gain_seconds, finalist_seconds
     from pipeline.autotune.report import plan_table, plan_text, short
 
     share = calibration_share(pipe.budget_s)
@@ -238,10 +238,13 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     session = cal.ray_session(args.address, hw.cpu_cores, n_gpus, log=log) if need_ray else contextlib.nullcontext()
     # On a lone CPU the plan's leaders are measured head to head at the end (`finalists`):
     # their time comes out of the calibration share.
+    # So is the full run's compiled/eager gain (`_compile_gain`): one measurement's time is set
+    # aside; a second, when the first moves the plan's lead, comes out of the full run's time.
     finals_s = finalist_seconds(calib_s) if head_to_head(hw, args) else 0.0
+    gain_s = compile_gain_seconds(calib_s) if head_to_head(hw, args) and space.rules.get("compile_full_run") else 0.0
     with session:
-        records = calibrate_stage(pipe, args, space, ctx, calib_s - finals_s, exp, parent)
-        planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent, finals_s)
+        records = calibrate_stage(pipe, args, space, ctx, calib_s - finals_s - gain_s, exp, parent)
+        planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent, finals_s, gain_s)
     # Ray is shut down here: the full run gets every core and all the memory.
     best, rows = planned.best, planned.rows
     console.print(plan_table(rows, chosen=best))
@@ -306,10 +309,11 @@ def no_reading_error(records: list, window_s: float) -> str:
 
 
 def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: dict, exp: str, parent,
-                   finals_s: float = 0.0) -> Plan:
+                   finals_s: float = 0.0, gain_s: float = 0.0) -> Plan:
     """Stages 4 and 5: fit the models to the trials and plan; then, while the plan is being made
-    (not on resume), sharpen it with measurements: the finalists head to head, the choice verified
-    if it was never measured, and the scaling of several workers. The plan is redone after each."""
+    (not on resume), sharpen it with measurements: the finalists head to head, the full run's
+    compile gain, the choice verified if it was never measured, and the scaling of several
+    workers. The plan is redone after each."""
     from pipeline.autotune.evidence import Evidence
     from pipeline.autotune.fit import Shape
     from pipeline.autotune.plan import law_params, why
@@ -354,6 +358,10 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                         f"{ev.memory_limit / 2**30:.1f} GiB usable; use a smaller --space")
     if making and finals_s > 0 and _head_to_head(pipe, args, space, data, ev, rows, finals_s):
         rows = replan()
+    if making and gain_s > 0:
+        rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
+    elif not making:  # the plan redone on resume uses the gain measured before
+        ev.compile_gain = pipe.state.get("compile_gain", {}).get("applied", 1.0)
     best = rows[0]
     if making and not best.measured:
         best = _verify_choice(pipe, space, ev, rows, ctx, exp, parent, pipe.left() - reserve)
@@ -366,7 +374,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         _measure_scaling(pipe, args, hw, space, data, ev, best, workers)
         rows = replan()
         best = rows[0]
-    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.throughput.tokens_per_s(
+    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.compile_gain * ev.throughput.tokens_per_s(
                    shape(best.candidate)), reg_reserve=max(reserve, registration_reserve(best.params)),
                    fit_points=list(zip(ev.tokens_per_s, loo_pred)))
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
@@ -399,6 +407,41 @@ def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: f
                                 "planned_before": r.tokens_per_s, "planned": ev.finalist_rates[r.key]}
                                for r in finals]
     return True
+
+
+def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: float, replan) -> list:
+    """Trials run eager and the full run compiles (the space's `compile_full_run`), and on 2 cores
+    compiling gains 1.2-1.9× by shape, precision and CPU: planned at the trials' speed, a
+    15-minute autotune on an Intel Xeon trained d128-L3 at 1.58× the planned rate and hit the
+    data cap at 95% of its budget (session 28). So the leader's full-run config is measured
+    compiled against eager, and every candidate is planned at its trials' speed × that gain;
+    if the lead moves, the new leader is measured once and its own gain applied (the chosen
+    model's token count is what the gain decides). Rows replanned."""
+    from pipeline.autotune.finalists import compile_gain
+    from pipeline.autotune.report import short
+    from pipeline.autotune.space import full_run_config
+    from pipeline.train.config import apply_overrides
+
+    gains: dict[str, float | None] = {}
+    for _ in range(2):
+        best = rows[0]
+        if best.key in gains:
+            break
+        cfg = apply_overrides(full_run_config(best.candidate, space, data.vocab_size, seed=args.seed,
+                                              tokens=best.tokens), args.set)
+        if not cfg.train.compile or best.candidate.get("compile"):
+            break  # the full run trains as the trials did (or --set train.compile=false)
+        gain = compile_gain(cfg, data, seconds, log)
+        gains[best.key] = gain
+        if gain is None:
+            log(f"compiled/eager gain of {short(best.candidate)} not measured (a side failed); planned at the trials' speed")
+            break
+        ev.compile_gain = gain
+        log(f"compiled/eager, {short(best.candidate)} as the full run trains: {gain:.2f}× "
+            f"(every candidate planned at its trials' speed × {gain:.2f})")
+        rows = replan()
+    pipe.state["compile_gain"] = {"measured": gains, "applied": ev.compile_gain}
+    return rows
 
 
 def _verify_choice(pipe: Pipeline, space, ev, rows: list, ctx: dict, exp: str, parent, seconds: float):
@@ -530,8 +573,10 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
                         **{f"time_{k}_s": v for k, v in timings.items()}}, step=1)
     parent.end("FINISHED")
     uri = tracking.resolve_uri(args.mlflow_uri)
-    # the space's compile_full_run: planned at the trials' eager speed, trained compiled
-    eager_note = " (eager trials; the run compiled)" if cfg.train.compile and not chosen["compile"] else ""
+    # the space's compile_full_run: planned at the eager trials' speed × the measured compile gain
+    gain = pipe.state.get("compile_gain", {}).get("applied", 1.0)
+    eager_note = ((f" (eager trials × {gain:.2f} compiled)" if gain != 1.0 else " (eager trials; the run compiled)")
+                  if cfg.train.compile and not chosen["compile"] else "")
     console.print(
         f"\n[bold green]done[/] in {total:.0f}s of {pipe.budget_s:.0f}s ({total / pipe.budget_s:.1%})\n"
         f"  model      {short(chosen)} ({param_counts(cfg.model)['total'] / 1e6:.2f}M params, "

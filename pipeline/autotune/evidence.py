@@ -13,7 +13,8 @@ from pipeline.autotune.plan import PlanRow, ScalingLaw, memory_ceiling, plan, pl
 
 
 class Scaled:
-    """A throughput model multiplied by a factor (data-parallel workers × measured efficiency)."""
+    """A throughput model multiplied by a factor (data-parallel workers × measured efficiency ×
+    the full run's measured compile gain)."""
 
     def __init__(self, model, factor: float):
         self.model, self.factor = model, factor
@@ -34,6 +35,7 @@ class Evidence:
     throughput: ThroughputModel
     finalist_rates: dict = field(default_factory=dict)  # head-to-head rates outrank every other reading
     factor: float = 1.0         # data-parallel workers × their measured efficiency
+    compile_gain: float = 1.0   # the full run compiled over the eager trials, measured (`compile_gain`)
     workers: int = 1
     law: ScalingLaw = field(default_factory=ScalingLaw)
     shapes_by_key: dict = field(default_factory=dict)
@@ -77,7 +79,7 @@ class Evidence:
 
     def plan(self, seconds: float) -> list[PlanRow]:
         """Every candidate, best first, for `seconds` of training."""
-        factor = self.factor
+        factor = self.factor * self.compile_gain
         throughput = Scaled(self.throughput, factor) if factor != 1.0 else self.throughput
         return plan(self.candidates, throughput, self.memory, seconds, self.unique_tokens, law=self.law,
                     memory_limit=self.memory_limit,

@@ -55,9 +55,10 @@ def rescaled(predicted: dict[str, float], measured: dict[str, float]) -> dict[st
 
 
 def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], None] = print,
-                      clock: Callable[[], float] = time.monotonic) -> dict[str, float]:
+                      clock: Callable[[], float] = time.monotonic, min_timed: int = 1) -> dict[str, float]:
     """Tokens/s of each RunConfig in `configs` (key → config), measured by interleaving their
-    optimizer steps for `seconds`. A config that fails to build or step (out of memory) gets 0."""
+    optimizer steps for `seconds` (and for at least `min_timed` steps after the warm-up, however
+    long that takes). A config that fails to build or step (out of memory) gets 0."""
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
 
@@ -73,7 +74,7 @@ def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], 
     order = list(trainers)
     rounds = 0
     try:
-        while order and (rounds < WARMUP_STEPS + 1 or clock() < end):
+        while order and (rounds < WARMUP_STEPS + min_timed or clock() < end):
             for key in (list(order) if rounds % 2 == 0 else order[::-1]):
                 trainer = trainers[key]
                 start = clock()
@@ -92,3 +93,31 @@ def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], 
             trainer.loader.close()
     return {key: (trainers[key].tokens_per_step / statistics.median(times[key]) if times.get(key) else 0.0)
             for key in configs}
+
+
+def compile_gain_seconds(calibration_s: float) -> float:
+    """The time one compiled/eager measurement (`compile_gain`) is given out of the calibration
+    share; a cold compile can take longer, and the measurement then runs over (`MIN_TIMED`).
+    None (0) below a minute of calibration (budgets under 10 minutes): a compile alone takes
+    2-11 s on 2 cores, which the trials need more; such plans stay at the eager trials' speed."""
+    return min(15.0, 0.08 * calibration_s) if calibration_s >= 60 else 0.0
+
+
+MIN_TIMED = 3  # steps of each timed after the warm-up: one step of each drifts ±15% on 2 cores
+
+
+def compile_gain(cfg, data, seconds: float, log: Callable[[str], None] = print,
+                 clock: Callable[[], float] = time.monotonic) -> float | None:
+    """How much faster `cfg` trains compiled than eager: the ratio of the two, interleaved step
+    by step in this process (one compiled trainer only: building one resets dynamo for the
+    rest). Trials run eager and the full run compiled (a space's `compile_full_run`), and on
+    2 cores the gap is no constant: 1.2-1.9× by shape, precision and CPU (cpu_compile,
+    cpu_precision). None when either side could not run."""
+    import copy
+
+    eager, compiled = copy.deepcopy(cfg), copy.deepcopy(cfg)
+    eager.train.compile, compiled.train.compile = False, True
+    rates = interleaved_rates({"eager": eager, "compiled": compiled}, data, seconds, log, clock, MIN_TIMED)
+    if rates["eager"] <= 0 or rates["compiled"] <= 0:
+        return None
+    return rates["compiled"] / rates["eager"]

@@ -37,10 +37,12 @@ STOPS = ["", "signal", "deadline", "tokens", "steps"]
 
 
 class Interrupted(Exception):
-    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed."""
+    """SIGTERM/SIGINT arrived; a checkpoint was written and the run can be resumed (a trainer
+    without a run directory, as in a trial or a benchmark, saved nothing and says so)."""
 
     def __init__(self, run_dir: Path | None):
-        super().__init__(f"interrupted; resume with: python -m pipeline.train --resume {run_dir}")
+        super().__init__(f"interrupted; resume with: python -m pipeline.train --resume {run_dir}" if run_dir
+                         else "interrupted; this run had no run directory, so nothing was saved to resume")
         self.run_dir = run_dir
 
 
