@@ -360,6 +360,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         rows = replan()
     if making and gain_s > 0:
         rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
+        parent.log_metrics({"compile_gain": ev.compile_gain}, step=0)
     elif not making:  # the plan redone on resume uses the gain measured before
         ev.compile_gain = pipe.state.get("compile_gain", {}).get("applied", 1.0)
     best = rows[0]
@@ -380,7 +381,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
                "throughput_model": ev.throughput.to_dict(), "memory_model": ev.memory.to_dict(),
                "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps,
-               "finalists": pipe.state.get("finalists", [])}
+               "finalists": pipe.state.get("finalists", []), "compile_gain": pipe.state.get("compile_gain")}
     (pipe.run_dir / "plan.json").write_text(json.dumps(payload, indent=2, default=str))
     return planned
 
