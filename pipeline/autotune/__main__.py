@@ -146,6 +146,7 @@ class Plan:
     predicted_tps: float
     reg_reserve: float                # seconds kept back for registration, plots and summary
     fit_points: list = field(default_factory=list)  # (measured, leave-one-out predicted) tokens/s
+    compile_gain: float = 1.0         # the full run's compiled/eager gain the plan applied
 
 
 def run(pipe: Pipeline, args) -> None:
@@ -240,8 +241,9 @@ def make_plan(pipe: Pipeline, args, hw, space, data, exp: str, parent) -> Plan:
     # their time comes out of the calibration share.
     # So is the full run's compiled/eager gain (`_compile_gain`): one measurement's time is set
     # aside; a second, when the first moves the plan's lead, comes out of the full run's time.
-    finals_s = finalist_seconds(calib_s) if head_to_head(hw, args) else 0.0
-    gain_s = compile_gain_seconds(calib_s) if head_to_head(hw, args) and space.rules.get("compile_full_run") else 0.0
+    lone = head_to_head(hw, args)
+    finals_s = finalist_seconds(calib_s) if lone else 0.0
+    gain_s = compile_gain_seconds(calib_s) if lone and space.rules.get("compile_full_run") else 0.0
     with session:
         records = calibrate_stage(pipe, args, space, ctx, calib_s - finals_s - gain_s, exp, parent)
         planned = fit_and_choose(pipe, args, hw, space, data, records, ctx, exp, parent, finals_s, gain_s)
@@ -377,7 +379,7 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         best = rows[0]
     planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.compile_gain * ev.throughput.tokens_per_s(
                    shape(best.candidate)), reg_reserve=max(reserve, registration_reserve(best.params)),
-                   fit_points=list(zip(ev.tokens_per_s, loo_pred)))
+                   fit_points=list(zip(ev.tokens_per_s, loo_pred)), compile_gain=ev.compile_gain)
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
                "throughput_model": ev.throughput.to_dict(), "memory_model": ev.memory.to_dict(),
                "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps,
@@ -575,7 +577,7 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
     parent.end("FINISHED")
     uri = tracking.resolve_uri(args.mlflow_uri)
     # the space's compile_full_run: planned at the eager trials' speed × the measured compile gain
-    gain = pipe.state.get("compile_gain", {}).get("applied", 1.0)
+    gain = planned.compile_gain
     eager_note = ((f" (eager trials × {gain:.2f} compiled)" if gain != 1.0 else " (eager trials; the run compiled)")
                   if cfg.train.compile and not chosen["compile"] else "")
     console.print(
