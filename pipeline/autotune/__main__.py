@@ -414,36 +414,47 @@ def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: f
 
 def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: float, replan) -> list:
     """Trials run eager and the full run compiles (the space's `compile_full_run`), and on 2 cores
-    compiling gains 1.2-1.9× by shape, precision and CPU: planned at the trials' speed, a
+    compiling gains 1.2-2.1× by shape, precision and CPU: planned at the trials' speed, a
     15-minute autotune on an Intel Xeon trained d128-L3 at 1.58× the planned rate and hit the
     data cap at 95% of its budget (session 28). So the leader's full-run config is measured
     compiled against eager, and every candidate is planned at its trials' speed × that gain;
     if the lead moves, the new leader is measured once and its own gain applied (the chosen
-    model's token count is what the gain decides). Rows replanned."""
-    from pipeline.autotune.finalists import compile_gain
+    model's token count is what the gain decides). The leader measured first is the one at a
+    typical gain (`PRIOR_COMPILE_GAIN`), not at none: picked at the eager speed, it was a size too
+    small, and the second cold compile cost another ~35 s of a 15-minute budget (session 28).
+    Rows replanned."""
+    from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN, compile_gain
     from pipeline.autotune.report import short
     from pipeline.autotune.space import full_run_config
     from pipeline.train.config import apply_overrides
 
+    def full_run(row):
+        return apply_overrides(full_run_config(row.candidate, space, data.vocab_size, seed=args.seed,
+                                               tokens=row.tokens), args.set)
+
+    if not full_run(rows[0]).train.compile or rows[0].candidate.get("compile"):
+        return rows  # the full run trains as the trials did (or --set train.compile=false)
+    ev.compile_gain = PRIOR_COMPILE_GAIN
+    rows = replan()
     gains: dict[str, float | None] = {}
     for _ in range(2):
         best = rows[0]
         if best.key in gains:
             break
-        cfg = apply_overrides(full_run_config(best.candidate, space, data.vocab_size, seed=args.seed,
-                                              tokens=best.tokens), args.set)
-        if not cfg.train.compile or best.candidate.get("compile"):
-            break  # the full run trains as the trials did (or --set train.compile=false)
-        gain = compile_gain(cfg, data, seconds, log)
+        gain = compile_gain(full_run(best), data, seconds, log)
         gains[best.key] = gain
         if gain is None:
-            log(f"compiled/eager gain of {short(best.candidate)} not measured (a side failed); planned at the trials' speed")
+            if not any(gains.values()):  # nothing measured: no gain is assumed either
+                ev.compile_gain = 1.0
+                rows = replan()
+            log(f"compiled/eager gain of {short(best.candidate)} not measured (a side failed); planned at "
+                f"{ev.compile_gain:.2f}× the trials' speed")
             break
         ev.compile_gain = gain
         log(f"compiled/eager, {short(best.candidate)} as the full run trains: {gain:.2f}× "
             f"(every candidate planned at its trials' speed × {gain:.2f})")
         rows = replan()
-    pipe.state["compile_gain"] = {"measured": gains, "applied": ev.compile_gain}
+    pipe.state["compile_gain"] = {"prior": PRIOR_COMPILE_GAIN, "measured": gains, "applied": ev.compile_gain}
     return rows
 
 

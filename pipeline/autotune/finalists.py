@@ -103,6 +103,12 @@ def compile_gain_seconds(calibration_s: float) -> float:
     return min(15.0, 0.08 * calibration_s) if calibration_s >= 60 else 0.0
 
 
+# The gain the plan assumes before measuring, only to pick which leader to measure first: the
+# middle of what 2 cores showed, compiled over eager at the CPU space's sizes (cpu_compile,
+# cpu_precision): 1.20-1.38× on a Zen 4 in fp32, 1.60-2.07× on an Intel Xeon in fp32, 1.58-1.62×
+# on it for autotune's leaders in bf16 (session 28). The measured gain is what the plan applies.
+PRIOR_COMPILE_GAIN = 1.5
+
 MIN_TIMED = 3  # steps of each timed after the warm-up: one step of each drifts ±15% on 2 cores
 
 
