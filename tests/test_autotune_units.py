@@ -682,7 +682,7 @@ def _measure_compile_gain(monkeypatch, gains: list, overrides=()):
     from types import SimpleNamespace
 
     import pipeline.autotune.finalists as finalists
-    from pipeline.autotune.__main__ import _compile_gain
+    from pipeline.autotune.__main__ import _compile_gain, _full_run_compiles
 
     space, ev = _cpu_space_evidence()
     measured = []
@@ -693,10 +693,12 @@ def _measure_compile_gain(monkeypatch, gains: list, overrides=()):
         return gains[len(measured) - 1]
 
     monkeypatch.setattr(finalists, "compile_gain", fake_gain)
-    pipe = SimpleNamespace(state={})
+    pipe, args, data = SimpleNamespace(state={}), SimpleNamespace(seed=0, set=list(overrides)), SimpleNamespace(vocab_size=512)
     eager = ev.plan(800)
-    rows = _compile_gain(pipe, SimpleNamespace(seed=0, set=list(overrides)), space, SimpleNamespace(vocab_size=512),
-                         ev, eager, 7.0, lambda: ev.plan(800))
+    if not _full_run_compiles(eager[0], args, space, data):
+        return measured, eager, eager, ev, pipe.state
+    ev.compile_gain = finalists.PRIOR_COMPILE_GAIN  # as make_plan plans the leaders of a compiled full run
+    rows = _compile_gain(pipe, args, space, data, ev, ev.plan(800), 7.0, lambda: ev.plan(800))
     return measured, eager, rows, ev, pipe.state
 
 

@@ -358,9 +358,15 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         raise UserError(f"nothing in space {space.name} fits in memory: the smallest candidate "
                         f"({short(small.candidate)}) needs ~{small.memory_bytes / 2**30:.1f} GiB of "
                         f"{ev.memory_limit / 2**30:.1f} GiB usable; use a smaller --space")
+    compiles = making and gain_s > 0 and _full_run_compiles(rows[0], args, space, data)
+    if compiles:  # the leaders are the compiled full run's: planned at a typical gain until it is measured
+        from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN
+
+        ev.compile_gain = PRIOR_COMPILE_GAIN
+        rows = replan()
     if making and finals_s > 0 and _head_to_head(pipe, args, space, data, ev, rows, finals_s):
         rows = replan()
-    if making and gain_s > 0:
+    if compiles:
         rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
         parent.log_metrics({"compile_gain": ev.compile_gain}, step=0)
     elif not making:  # the plan redone on resume uses the gain measured before
@@ -412,36 +418,41 @@ def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: f
     return True
 
 
+def _full_run(row, args, space, data):
+    """The run config `row`'s candidate would train with as the full run (with --set applied)."""
+    from pipeline.autotune.space import full_run_config
+    from pipeline.train.config import apply_overrides
+
+    return apply_overrides(full_run_config(row.candidate, space, data.vocab_size, seed=args.seed,
+                                           tokens=row.tokens), args.set)
+
+
+def _full_run_compiles(row, args, space, data) -> bool:
+    """Whether the full run compiles where the trials did not (the space's `compile_full_run`,
+    not undone by --set train.compile=false): then its speed is not the trials'."""
+    return _full_run(row, args, space, data).train.compile and not row.candidate.get("compile")
+
+
 def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: float, replan) -> list:
-    """Trials run eager and the full run compiles (the space's `compile_full_run`), and on 2 cores
+    """Trials run eager and the full run compiles (`_full_run_compiles`), and on 2 cores
     compiling gains 1.2-2.1× by shape, precision and CPU: planned at the trials' speed, a
     15-minute autotune on an Intel Xeon trained d128-L3 at 1.58× the planned rate and hit the
     data cap at 95% of its budget (session 28). So the leader's full-run config is measured
     compiled against eager, and every candidate is planned at its trials' speed × that gain;
     if the lead moves, the new leader is measured once and its own gain applied (the chosen
-    model's token count is what the gain decides). The leader measured first is the one at a
-    typical gain (`PRIOR_COMPILE_GAIN`), not at none: picked at the eager speed, it was a size too
-    small, and the second cold compile cost another ~35 s of a 15-minute budget (session 28).
-    Rows replanned."""
+    model's token count is what the gain decides). `rows` come planned at a typical gain
+    (`PRIOR_COMPILE_GAIN`), not at none: the leader picked at the eager speed was a size too
+    small, and measuring the right one next cost a second cold compile, ~35 s of a 15-minute
+    budget (session 28). Rows replanned."""
     from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN, compile_gain
     from pipeline.autotune.report import short
-    from pipeline.autotune.space import full_run_config
-    from pipeline.train.config import apply_overrides
 
-    def full_run(row):
-        return apply_overrides(full_run_config(row.candidate, space, data.vocab_size, seed=args.seed,
-                                               tokens=row.tokens), args.set)
-
-    if not full_run(rows[0]).train.compile or rows[0].candidate.get("compile"):
-        return rows  # the full run trains as the trials did (or --set train.compile=false)
-    ev.compile_gain = PRIOR_COMPILE_GAIN
-    rows = replan()
     gains: dict[str, float | None] = {}
     for _ in range(2):
         best = rows[0]
         if best.key in gains:
             break
-        gain = compile_gain(full_run(best), data, seconds, log)
+        gain = compile_gain(_full_run(best, args, space, data), data, seconds, log)
         gains[best.key] = gain
         if gain is None:
             if not any(gains.values()):  # nothing measured: no gain is assumed either
