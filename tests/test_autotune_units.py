@@ -780,6 +780,33 @@ def test_head_to_head_ratios_replace_the_models_but_its_level_stays():
     assert out == {"a": pytest.approx(20_000.0), "b": 1e-9}
 
 
+def test_head_to_head_under_a_compile_gain_counts_the_gain_once(monkeypatch):
+    """The rows' rates carry the compile gain and `Evidence.plan` applies it to the finalists'
+    rates: the finalists' planned rates are the same model level × the gain, not × its square."""
+    from types import SimpleNamespace
+
+    import pipeline.autotune.finalists as finalists
+    from pipeline.autotune.__main__ import _head_to_head
+
+    def finalist_rows(gain):
+        space, ev = _cpu_space_evidence()
+        ev.compile_gain = gain
+        rows = ev.plan(800)
+        keys = [r.key for r in finalists.contenders(rows, ev.law.E)]
+        monkeypatch.setattr(finalists, "interleaved_rates", lambda configs, *a, **k: {key: 1e4 / cfg.model.n_layers
+                                                                                     for key, cfg in configs.items()})
+        pipe = SimpleNamespace(state={}, _stage_t=time.monotonic())
+        assert _head_to_head(pipe, SimpleNamespace(seed=0), space, SimpleNamespace(vocab_size=512), ev, rows, 5.0)
+        planned = {r.key: r.tokens_per_s for r in ev.plan(800)}
+        return {k: planned[k] for k in keys}, pipe.state["finalists"]
+
+    plain, _ = finalist_rows(1.0)
+    gained, state = finalist_rows(1.6)
+    assert plain.keys() == gained.keys()
+    assert all(gained[k] == pytest.approx(1.6 * plain[k]) for k in plain)
+    assert all(f["planned"] == pytest.approx(gained[f["key"]]) for f in state)  # what the log and state say
+
+
 def test_interleaved_rates_rank_finalists_and_rule_out_a_failing_one(tiny_data, monkeypatch):
     from conftest import tiny_run_config
     from pipeline.autotune.finalists import interleaved_rates

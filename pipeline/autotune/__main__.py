@@ -408,12 +408,16 @@ def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: f
     log(f"[bold]finalists[/], {seconds:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
     rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
                                for r in finals}, data, seconds, log)
-    ev.finalist_rates = rescaled({r.key: r.tokens_per_s for r in finals}, rates)
+    # the rows' rates carry the plan's factor (workers, compile gain), which `Evidence.plan` applies
+    # to the finalists' rates too: they are stored without it (counted twice, a 1.69x compile gain
+    # planned d192-L3 at 38k tokens/s where it trained 23k, session 29)
+    scale = ev.factor * ev.compile_gain
+    ev.finalist_rates = rescaled({r.key: r.tokens_per_s / scale for r in finals}, rates)
     for r in finals:
         log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
-            f"{r.tokens_per_s:,.0f} → {ev.finalist_rates[r.key]:,.0f}")
+            f"{r.tokens_per_s:,.0f} → {scale * ev.finalist_rates[r.key]:,.0f}")
     pipe.state["finalists"] = [{"key": r.key, "head_to_head_tokens_per_s": rates[r.key],
-                                "planned_before": r.tokens_per_s, "planned": ev.finalist_rates[r.key]}
+                                "planned_before": r.tokens_per_s, "planned": scale * ev.finalist_rates[r.key]}
                                for r in finals]
     return True
 
