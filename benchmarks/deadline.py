@@ -39,8 +39,9 @@ def _quality_autotune_rows() -> list[dict]:
                   "date": r["date"][:10], "commit": r["commit"]}
                  for m, done in arms.items() for key, r in done.items()
                  # every autotune arm: the current one, the compiled and control ones, and earlier
-                 # commits' runs kept under their commit (`autotune-d3fd2e2`)
-                 if arm_name(key).startswith("autotune") and r.get("wall_over_budget")]
+                 # commits' runs kept under their commit (`autotune-d3fd2e2`) or under another
+                 # instance's tag (`s28/autotune`, see `quality.arm_name`)
+                 if arm_name(key).split("/")[-1].startswith("autotune") and r.get("wall_over_budget")]
     return rows
 
 

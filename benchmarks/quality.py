@@ -296,7 +296,12 @@ def _met(compared: list[dict]) -> bool | None:
 
 
 def arm_name(key: str) -> str:
-    """The arm a stored result belongs to (`grid:d64-L2@seed1` → `grid:d64-L2`)."""
+    """The arm a stored result belongs to (`grid:d64-L2@seed1` → `grid:d64-L2`). A key tagged
+    `TAG/` (`s28/grid:d192-L3`) is a run kept from another instance of the same CPU model, which
+    trained at another speed (session 29's Xeon ran the same configs 1.37-1.52× faster than
+    session 28's): kept in the file, out of this table's arms. (The Xeon's `table` arm is session
+    28's, untagged: not re-run, and 2.39 bpb against ~1.5 for every other arm, a gap no 1.5× in
+    speed closes; benchmarks/notes/quality_compiled_bf16.md, session 29.)"""
     return key.split("@")[0]
 
 
