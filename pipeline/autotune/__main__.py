@@ -396,8 +396,8 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
 
 def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: float) -> bool:
     """On a lone CPU, the plan's leaders trained against each other, interleaved in this process:
-    their ratios replace the model's (`rescaled`). False if there was nothing to compare."""
-    from pipeline.autotune.finalists import contenders, interleaved_rates, rescaled
+    their ratios replace the model's (`Evidence.take_head_to_head`). False if there was nothing to compare."""
+    from pipeline.autotune.finalists import contenders, interleaved_rates
     from pipeline.autotune.report import short
     from pipeline.autotune.space import to_run_config
 
@@ -408,17 +408,12 @@ def _head_to_head(pipe: Pipeline, args, space, data, ev, rows: list, finals_s: f
     log(f"[bold]finalists[/], {seconds:.0f}s head to head: " + ", ".join(short(r.candidate) for r in finals))
     rates = interleaved_rates({r.key: to_run_config(r.candidate, space, data.vocab_size, seed=args.seed)
                                for r in finals}, data, seconds, log)
-    # the rows' rates carry the plan's factor (workers, compile gain), which `Evidence.plan` applies
-    # to the finalists' rates too: they are stored without it (counted twice, a 1.69x compile gain
-    # planned d192-L3 at 38k tokens/s where it trained 23k, session 29)
-    scale = ev.factor * ev.compile_gain
-    ev.finalist_rates = rescaled({r.key: r.tokens_per_s / scale for r in finals}, rates)
+    planned = ev.take_head_to_head(finals, rates)
     for r in finals:
         log(f"  {short(r.candidate)}: {rates[r.key]:,.0f} tokens/s head to head; planned "
-            f"{r.tokens_per_s:,.0f} → {scale * ev.finalist_rates[r.key]:,.0f}")
+            f"{r.tokens_per_s:,.0f} → {planned[r.key]:,.0f}")
     pipe.state["finalists"] = [{"key": r.key, "head_to_head_tokens_per_s": rates[r.key],
-                                "planned_before": r.tokens_per_s, "planned": scale * ev.finalist_rates[r.key]}
-                               for r in finals]
+                                "planned_before": r.tokens_per_s, "planned": planned[r.key]} for r in finals]
     return True
 
 

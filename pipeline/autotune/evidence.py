@@ -77,6 +77,18 @@ class Evidence:
         predicted = {k: self.throughput.tokens_per_s(self.shape(k)) for k in self.readings}
         return planning_rates(self.readings, predicted) | self.finalist_rates
 
+    def take_head_to_head(self, finals: list[PlanRow], rates: dict[str, float]) -> dict[str, float]:
+        """The finalists' head-to-head `rates` become their planning rates (`finalists.rescaled`:
+        the model's level, the measured ratios); returns them as the plan now counts them. The
+        rows' rates carry the plan's factor (workers, compile gain), which `plan` applies again,
+        so it is taken out first (counted twice, a 1.69× compile gain planned d192-L3 at 38k
+        tokens/s where it trained 23k, session 29)."""
+        from pipeline.autotune.finalists import rescaled
+
+        scale = self.factor * self.compile_gain
+        self.finalist_rates = rescaled({r.key: r.tokens_per_s / scale for r in finals}, rates)
+        return {k: scale * v for k, v in self.finalist_rates.items()}
+
     def plan(self, seconds: float) -> list[PlanRow]:
         """Every candidate, best first, for `seconds` of training."""
         factor = self.factor * self.compile_gain

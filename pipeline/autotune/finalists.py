@@ -117,7 +117,7 @@ def compile_gain(cfg, data, seconds: float, log: Callable[[str], None] = print,
     """How much faster `cfg` trains compiled than eager: the ratio of the two, interleaved step
     by step in this process (one compiled trainer only: building one resets dynamo for the
     rest). Trials run eager and the full run compiled (a space's `compile_full_run`), and on
-    2 cores the gap is no constant: 1.2-1.9× by shape, precision and CPU (cpu_compile,
+    2 cores the gap is no constant: 1.2-2.1× by shape, precision and CPU (cpu_compile,
     cpu_precision). None when either side could not run."""
     import copy
 
