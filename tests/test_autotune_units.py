@@ -89,7 +89,11 @@ def test_on_a_fast_machine_and_little_data_the_plan_stops_at_the_useful_tokens_w
     rows = plan(cands, FlopRate(3e14), NoMemory(), 540, unique_tokens=unique)
     best = rows[0]
     assert best.tokens == pytest.approx(law.useful_tokens(unique)) and 12 < best.epochs < 13
-    assert best.params == min(r.params for r in rows)         # the tie goes to the smaller model
+    # past the law's ceiling for parameters the data can feed (R_N* = 50: ~7M here) candidates
+    # tie, and the tie goes to the smallest of them, not to a 55M model
+    tied = [r for r in rows if r.predicted_loss == best.predicted_loss]
+    assert len(tied) > 1 and best.params == min(r.params for r in tied)
+    assert best.params < 10e6 and max(r.params for r in rows) > 50e6
     assert all(r.tokens <= law.useful_tokens(unique) * (1 + 1e-9) for r in rows)
     assert "data-limited" in why(best, rows)
     # with plenty of data the time binds and the choice grows with it
@@ -116,7 +120,7 @@ def test_effective_parameters_saturate_beyond_what_the_data_can_train():
     # a larger model is worth a little more, until the law's returns are spent (within 2% of the
     # ceiling); past that, candidates tie and the planner takes the smaller
     assert effective_params(20 * useful, useful, r) > effective_params(10 * useful, useful, r)
-    assert effective_params(1000 * useful, useful, r) == effective_params(100 * useful, useful, r)
+    assert effective_params(1e4 * useful, useful, r) == effective_params(1e3 * useful, useful, r)
     # without a data limit the law is the plain Chinchilla form
     assert law.loss(1e8, 1e10) == pytest.approx(law.E + law.A / 1e8 ** law.alpha + law.B / 1e10 ** law.beta)
 
@@ -707,16 +711,16 @@ def test_the_compile_gain_is_measured_on_the_leader_at_a_typical_gain_then_once_
     compiled against eager; if the plan's lead moves, the new leader's own gain is what applies."""
     from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN
 
-    # the leader measured first is the plan's at the prior gain: d128-L3 here, not the eager d128-L2
+    # the leader measured first is the plan's at the prior gain: d128-L4 here, not the eager d128-L3
     measured, eager, rows, ev, state = _measure_compile_gain(monkeypatch, [3.0, 1.4])
-    assert (eager[0].candidate["n_layers"], measured[0]) == (2, (128, 3))
-    assert len(measured) == 2 and measured[1] == (128, 4)  # 3x more tokens moved the lead: measured again
+    assert (eager[0].candidate["n_layers"], measured[0]) == (3, (128, 4))
+    assert len(measured) == 2 and measured[1] == (192, 3)  # 3x more tokens moved the lead: measured again
     assert ev.compile_gain == 1.4 and state["compile_gain"]["applied"] == 1.4
     assert list(state["compile_gain"]["measured"].values()) == [3.0, 1.4]
     assert state["compile_gain"]["prior"] == PRIOR_COMPILE_GAIN
     # a gain near the prior (session 28's Intel Xeon: 1.58-1.62x): one cold compile, not two
     measured, eager, rows, ev, state = _measure_compile_gain(monkeypatch, [1.6])
-    assert measured == [(128, 3)] and ev.compile_gain == 1.6 and rows[0].key != eager[0].key
+    assert measured == [(128, 4)] and ev.compile_gain == 1.6 and rows[0].key != eager[0].key
     # the measurement failed: planned at the trials' own speed, no gain assumed
     measured, eager, rows, ev, state = _measure_compile_gain(monkeypatch, [None])
     assert len(measured) == 1 and ev.compile_gain == 1.0 and rows[0].key == eager[0].key
@@ -780,6 +784,20 @@ def test_head_to_head_ratios_replace_the_models_but_its_level_stays():
     assert out == {"a": pytest.approx(20_000.0), "b": 1e-9}
 
 
+def test_a_candidate_whose_gain_was_measured_is_planned_at_its_own_gain():
+    """Compile gains differ by shape: a leader measured at 1.42x must not be planned at the 1.57x
+    measured on the next leader (it took the lead back at a speed it could not reach, session 30)."""
+    space, ev = _cpu_space_evidence()
+    eager = {r.key: r.tokens_per_s for r in ev.plan(800)}
+    own, other = list(ev.readings)[:2]
+    ev.compile_gain, ev.compile_gains = 1.57, {own: 1.42}
+    gained = {r.key: r.tokens_per_s for r in ev.plan(800)}
+    assert gained[own] == pytest.approx(1.42 * eager[own])
+    assert gained[other] == pytest.approx(1.57 * eager[other])
+    unmeasured = next(k for k in eager if k not in ev.readings)
+    assert gained[unmeasured] == pytest.approx(1.57 * eager[unmeasured])
+
+
 def test_head_to_head_under_a_compile_gain_counts_the_gain_once(monkeypatch):
     """The rows' rates carry the compile gain and `Evidence.plan` applies it to the finalists'
     rates: the finalists' planned rates are the same model level × the gain, not × its square."""
@@ -788,11 +806,15 @@ def test_head_to_head_under_a_compile_gain_counts_the_gain_once(monkeypatch):
     import pipeline.autotune.finalists as finalists
     from pipeline.autotune.__main__ import _head_to_head
 
+    space, ev = _cpu_space_evidence()
+    keys = [r.key for r in finalists.contenders(ev.plan(800), ev.law.E)]
+    # the same finalists under both gains (a gain can change which rows contend)
+    monkeypatch.setattr(finalists, "contenders", lambda rows, e: [r for r in rows if r.key in keys])
+
     def finalist_rows(gain):
         space, ev = _cpu_space_evidence()
         ev.compile_gain = gain
         rows = ev.plan(800)
-        keys = [r.key for r in finalists.contenders(rows, ev.law.E)]
         monkeypatch.setattr(finalists, "interleaved_rates", lambda configs, *a, **k: {key: 1e4 / cfg.model.n_layers
                                                                                      for key, cfg in configs.items()})
         pipe = SimpleNamespace(state={}, _stage_t=time.monotonic())

@@ -369,8 +369,10 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
     if compiles:
         rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
         parent.log_metrics({"compile_gain": ev.compile_gain}, step=0)
-    elif not making:  # the plan redone on resume uses the gain measured before
-        ev.compile_gain = pipe.state.get("compile_gain", {}).get("applied", 1.0)
+    elif not making:  # the plan redone on resume uses the gains measured before
+        done = pipe.state.get("compile_gain", {})
+        ev.compile_gain = done.get("applied", 1.0)
+        ev.compile_gains = {k: g for k, g in done.get("measured", {}).items() if g}
     best = rows[0]
     if making and not best.measured:
         best = _verify_choice(pipe, space, ev, rows, ctx, exp, parent, pipe.left() - reserve)
@@ -383,9 +385,9 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         _measure_scaling(pipe, args, hw, space, data, ev, best, workers)
         rows = replan()
         best = rows[0]
-    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.compile_gain * ev.throughput.tokens_per_s(
+    planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.gain(best.key) * ev.throughput.tokens_per_s(
                    shape(best.candidate)), reg_reserve=max(reserve, registration_reserve(best.params)),
-                   fit_points=list(zip(ev.tokens_per_s, loo_pred)), compile_gain=ev.compile_gain)
+                   fit_points=list(zip(ev.tokens_per_s, loo_pred)), compile_gain=ev.gain(best.key))
     payload = {"chosen": best.to_dict(), "why": planned.reason, "rows": [r.to_dict() for r in rows[:50]],
                "throughput_model": ev.throughput.to_dict(), "memory_model": ev.memory.to_dict(),
                "loo_median": med, "loo_worst": worst, "predicted_tokens_per_s": planned.predicted_tps,
@@ -439,7 +441,8 @@ def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: fl
     data cap at 95% of its budget (session 28). So the leader's full-run config is measured
     compiled against eager, and every candidate is planned at its trials' speed × that gain;
     if the lead moves, the new leader is measured once and its own gain applied (the chosen
-    model's token count is what the gain decides). `rows` come planned at a typical gain
+    model's token count is what the gain decides), the first leader keeping its own
+    (`Evidence.gain`). `rows` come planned at a typical gain
     (`PRIOR_COMPILE_GAIN`), not at none: the leader picked at the eager speed was a size too
     small, and measuring the right one next cost a second cold compile, ~35 s of a 15-minute
     budget (session 28). Rows replanned."""
@@ -460,9 +463,9 @@ def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: fl
             log(f"compiled/eager gain of {short(best.candidate)} not measured (a side failed); planned at "
                 f"{ev.compile_gain:.2f}× the trials' speed")
             break
-        ev.compile_gain = gain
+        ev.compile_gain = ev.compile_gains[best.key] = gain
         log(f"compiled/eager, {short(best.candidate)} as the full run trains: {gain:.2f}× "
-            f"(every candidate planned at its trials' speed × {gain:.2f})")
+            f"(every candidate not measured so planned at its trials' speed × {gain:.2f})")
         rows = replan()
     pipe.state["compile_gain"] = {"prior": PRIOR_COMPILE_GAIN, "measured": gains, "applied": ev.compile_gain}
     return rows

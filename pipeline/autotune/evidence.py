@@ -36,6 +36,7 @@ class Evidence:
     finalist_rates: dict = field(default_factory=dict)  # head-to-head rates outrank every other reading
     factor: float = 1.0         # data-parallel workers × their measured efficiency
     compile_gain: float = 1.0   # the full run compiled over the eager trials, measured (`compile_gain`)
+    compile_gains: dict = field(default_factory=dict)  # candidate key -> its own measured gain, if measured
     workers: int = 1
     law: ScalingLaw = field(default_factory=ScalingLaw)
     shapes_by_key: dict = field(default_factory=dict)
@@ -77,6 +78,13 @@ class Evidence:
         predicted = {k: self.throughput.tokens_per_s(self.shape(k)) for k in self.readings}
         return planning_rates(self.readings, predicted) | self.finalist_rates
 
+    def gain(self, key: str) -> float:
+        """The compiled/eager gain a candidate is planned at: its own where it was measured, else
+        the last measured. Gains differ by shape (1.42× and 1.57× for d256-L4 and d192-L4 on one
+        Xeon); with one gain for all, the second leader's 1.57× put the first back in the lead at a
+        speed it had been measured not to reach (session 30)."""
+        return self.compile_gains.get(key, self.compile_gain)
+
     def take_head_to_head(self, finals: list[PlanRow], rates: dict[str, float]) -> dict[str, float]:
         """The finalists' head-to-head `rates` become their planning rates (`finalists.rescaled`:
         the model's level, the measured ratios); returns them as the plan now counts them. The
@@ -85,17 +93,18 @@ class Evidence:
         tokens/s where it trained 23k, session 29)."""
         from pipeline.autotune.finalists import rescaled
 
-        scale = self.factor * self.compile_gain
-        self.finalist_rates = rescaled({r.key: r.tokens_per_s / scale for r in finals}, rates)
-        return {k: scale * v for k, v in self.finalist_rates.items()}
+        self.finalist_rates = rescaled({r.key: r.tokens_per_s / (self.factor * self.gain(r.key)) for r in finals}, rates)
+        return {k: self.factor * self.gain(k) * v for k, v in self.finalist_rates.items()}
 
     def plan(self, seconds: float) -> list[PlanRow]:
         """Every candidate, best first, for `seconds` of training."""
         factor = self.factor * self.compile_gain
         throughput = Scaled(self.throughput, factor) if factor != 1.0 else self.throughput
+        # a measured candidate is planned at its own gain where that was measured too (a leader
+        # without a reading gets one before launch, `_verify_choice`, and then its own gain)
         return plan(self.candidates, throughput, self.memory, seconds, self.unique_tokens, law=self.law,
-                    memory_limit=self.memory_limit,
-                    measured={k: v * factor for k, v in self.measured().items()}, workers=self.workers)
+                    memory_limit=self.memory_limit, workers=self.workers,
+                    measured={k: v * self.factor * self.gain(k) for k, v in self.measured().items()})
 
     def add(self, records: list) -> None:
         """Readings taken after the fit (the choice verified before launch). A usable reading
