@@ -48,7 +48,7 @@ class ScalingLaw:
     alpha: float = 0.3478
     beta: float = 0.3658
     r_star: float = 3.0      # R_D*: repeated-data decay (the paper: 15.4; see above)
-    r_star_params: float = 50.0  # R_N*: decay for excess parameters (the paper: 5.3; see above)
+    r_star_params: float = 16.0  # R_N*: decay for excess parameters (the paper: 5.3; see above)
 
     def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         if n_params <= 0 or tokens <= 0:
