@@ -15,8 +15,9 @@ what those choices cost in measured bpb.
 data-constrained constants, R_D* (how fast repeated tokens stop paying) and R_N* (how fast excess
 parameters do), over every stored comparison of every machine: the pairs each law orders as they
 finished, over all runs and over the shapes the CPU space offers, the measured run it ranks first
-among those, and what the planner would choose with this CPU's throughput model. Session 15 chose
-the planner's R_D* (3) and the space's aspect_ratio rule from it."""
+among those, the grid shape it would choose with the tokens capped as the full run caps them, and
+what the planner would choose with this CPU's throughput model. Session 15 chose the planner's R_D*
+(3) and the space's aspect_ratio rule from it, session 30 its R_N* (50)."""
 from __future__ import annotations
 
 import itertools
@@ -25,7 +26,7 @@ import statistics
 
 from benchmarks.common import RESULTS, SESSIONS_1_8_CPU, save
 from benchmarks.predictor_forms import shape_of, stored_calibrations
-from benchmarks.quality import BF16, _arms_file, all_comparisons, arm_name
+from benchmarks.quality import BF16, all_comparisons, arm_name
 
 R_N = [5.3, 10.0, 15.0, 16.0, 20.0, 30.0, 50.0, 1e9]
 CLOSE = 0.004
@@ -172,15 +173,18 @@ def run(vocab: int = 4096, unique_tokens: float = 1.33e6):
 
 
 R_D = [1.5, 2.0, 3.0, 4.0, 8.0, 15.4]
-VARIANT_R_N = [5.3, 8.0, 16.0, 50.0, 1e9]
+VARIANT_R_N = [5.3, 8.0, 16.0, 30.0, 50.0, 100.0, 1e9]
 
 
 def _comparisons() -> dict[str, list]:
-    """{"sessions 1–8 eager 10 min": runs, …}: every stored comparison's grid and autotune runs."""
+    """{"sessions 1–8 eager 10 min": runs, "f25m17 compiled bf16 30 min": runs, …}: the grid and
+    autotune runs of every stored comparison of every CPU (`<comparison>-arms-cpu-f<family>m<model>-…`),
+    so the replay reads the same on any machine."""
     # every comparison `quality` stores, bf16 ones included (the product as it ships on a CPU with bf16)
     files = {"sessions 1–8 eager": RESULTS / "quality-arms-cpu.json"} | {
-        ("compiled" if compiled else "eager") + (" bf16" if name.endswith(BF16) else ""): _arms_file(name)
-        for name, compiled in all_comparisons().items()}
+        path.name.split("-arms-cpu-")[1].split("-")[0] + " " + ("compiled" if compiled else "eager")
+        + (" bf16" if name.endswith(BF16) else ""): path
+        for name, compiled in all_comparisons().items() for path in sorted(RESULTS.glob(f"{name}-arms-cpu-f*.json"))}
     out = {}
     for label, path in files.items():
         if path.is_file():
@@ -202,12 +206,43 @@ def _this_cpu_throughput(space, vocab: int):
     return ThroughputModel.fit([shape_of(space, vocab, *k) for k in knobs], [r["alone_tokens_per_s"] for r in rows])
 
 
+def capped_pick(law, runs, unique: float, offered: set) -> str:
+    """What the planner would take among a comparison's grid shapes that the space `offered`, each
+    at the tokens its grid run trained but no more than the law's data cap (the full run stops
+    there), and what that costs: the choice's measured bpb over the best grid run's. A shape whose
+    grid run went past the cap is measured by an autotune run of it stopped at this law's cap, or
+    not at all."""
+    cap = law.useful_tokens(unique)
+    grid: dict = {}
+    for arm, n, tokens, bpb, shape in runs:
+        if arm_name(arm).startswith("grid:"):
+            grid.setdefault(shape, []).append((n, tokens, bpb))
+    if not grid:
+        return "no grid"
+    mean = {k: tuple(statistics.mean(x[i] for x in v) for i in range(3)) for k, v in grid.items()}
+    choosable = [k for k in mean if k in offered]
+    if not choosable:
+        return "no grid shape of the space"
+    pick = min(choosable, key=lambda k: law.loss(mean[k][0], min(mean[k][1], cap), unique))
+    n, tokens, bpb = mean[pick]
+    if tokens > cap:
+        at_cap = [r[3] for r in runs if arm_name(r[0]).startswith("autotune") and r[4] == pick
+                  and abs(r[2] / cap - 1) < 0.02]
+        if not at_cap:
+            return f"{pick} (past the cap, unmeasured)"
+        bpb = statistics.mean(at_cap)
+    return f"{pick} {bpb / min(v[2] for v in mean.values()):.3f}×"
+
+
 def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
     """Every (R_D*, R_N*) of the grid on every stored comparison: pairs ordered as they finished,
     over all runs and over the runs whose shape the CPU space offers (the shapes the planner can
     choose: two or more layers, d_model / n_layers within the space's aspect_ratio rule), and the
-    run the law ranks first among those; then the planner's choice at the training time of a
-    10-, 15- and 30-minute autotune (525, 790, 1600 s) with this CPU's throughput model."""
+    run the law ranks first among those; the grid shape it would choose with each run's tokens
+    capped at its data cap, as the full run is (`capped_pick`: the closest replay of a choice,
+    since the grid runs' tokens carry their measured compiled speed); then the planner's choice at
+    the training time of a 10-, 15- and 30-minute autotune (525, 790, 1600 s) with this CPU's
+    throughput model."""
     from pipeline.autotune.fit import MemoryModel
     from pipeline.autotune.plan import ScalingLaw, plan
     from pipeline.autotune.space import SPACES_DIR, load_space, model_config
@@ -227,7 +262,8 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
             mine = [r for r in runs if r[4] in offered]
             sg, st = pairs_right(law, mine, unique_tokens)
             first = min(mine, key=lambda r: law.loss(r[1], r[2], unique_tokens))
-            row[label] = f"{g}/{t} ({sg}/{st}), first {first[4]} {first[3] / min(r[3] for r in mine):.3f}×"
+            row[label] = (f"{g}/{t} ({sg}/{st}), first {first[4]} {first[3] / min(r[3] for r in mine):.3f}×, "
+                          f"capped pick {capped_pick(law, runs, unique_tokens, offered)}")
             good, total, s_good, s_total = good + g, total + t, s_good + sg, s_total + st
         row["pairs right"] = f"{good}/{total}"
         row["pairs right, space's shapes"] = f"{s_good}/{s_total}"
@@ -240,6 +276,7 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
     default = ScalingLaw()
     mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
     before = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (15.4, 16.0))  # sessions 7-14's law
+    tried = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (3.0, 50.0))  # run in session 30, not adopted
     best = rows[right.index(max(right))]
 
     def said(r):
@@ -247,9 +284,10 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
         return (f"(R_D* {r['R_D*']:g}, R_N* {r['R_N*']}): pairs right {r['pairs right']}, "
                 f"among the space's shapes {shapes}"
                 + (f", plans {r['plan at 10/15/30 min (this CPU)']} at 10/15/30 min" if model else ""))
-    summary = (f"default law {said(mine)}; the law before session 15 {said(before)}; "
+    summary = (f"default law {said(mine)}; R_N* 50 (run in session 30, not adopted) {said(tried)}; "
+               f"the law before session 15 {said(before)}; "
                f"best of {len(rows)} on the space's shapes {said(best)}; "
-               + "; ".join(f"{k}: default {mine[k]}, before {before[k]}" for k in comparisons))
+               + "; ".join(f"{k}: default {mine[k]}; R_N* 50 {tried[k]}; before {before[k]}" for k in comparisons))
     return save("law_variants", rows, summary, "— (evidence for the planner's law constants)", None,
                 "python -m benchmarks run law_variants")
 
