@@ -17,7 +17,7 @@ parameters do), over every stored comparison of every machine: the pairs each la
 finished, over all runs and over the shapes the CPU space offers, the measured run it ranks first
 among those, the grid shape it would choose with the tokens capped as the full run caps them, and
 what the planner would choose with this CPU's throughput model. Session 15 chose the planner's R_D*
-(3) and the space's aspect_ratio rule from it, session 30 its R_N* (50)."""
+(3) and the space's aspect_ratio rule from it; session 30 ran the R_N* 50 it favoured (not adopted)."""
 from __future__ import annotations
 
 import itertools
