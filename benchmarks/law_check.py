@@ -213,18 +213,18 @@ def capped_pick(law, runs, unique: float, offered: set) -> str:
     grid run went past the cap is measured by an autotune run of it stopped at this law's cap, or
     not at all."""
     cap = law.useful_tokens(unique)
-    grid: dict = {}
-    for arm, n, tokens, bpb, shape in runs:
+    grid: dict = {}  # shape -> its grid runs' (params, tokens, bpb)
+    for arm, *run, shape in runs:
         if arm_name(arm).startswith("grid:"):
-            grid.setdefault(shape, []).append((n, tokens, bpb))
+            grid.setdefault(shape, []).append(run)
     if not grid:
         return "no grid"
-    mean = {k: tuple(statistics.mean(x[i] for x in v) for i in range(3)) for k, v in grid.items()}
+    mean = {k: [statistics.mean(column) for column in zip(*v)] for k, v in grid.items()}  # over seeds
     choosable = [k for k in mean if k in offered]
     if not choosable:
         return "no grid shape of the space"
     pick = min(choosable, key=lambda k: law.loss(mean[k][0], min(mean[k][1], cap), unique))
-    n, tokens, bpb = mean[pick]
+    _, tokens, bpb = mean[pick]
     if tokens > cap:
         at_cap = [r[3] for r in runs if arm_name(r[0]).startswith("autotune") and r[4] == pick
                   and abs(r[2] / cap - 1) < 0.02]
