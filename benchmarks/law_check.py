@@ -17,7 +17,7 @@ parameters do), over every stored comparison of every machine: the pairs each la
 finished, over all runs and over the shapes the CPU space offers, the measured run it ranks first
 among those, the grid shape it would choose with the tokens capped as the full run caps them, and
 what the planner would choose with this CPU's throughput model. Session 15 chose the planner's R_D*
-(3) and the space's aspect_ratio rule from it; session 30 ran the R_N* 50 it favoured (not adopted)."""
+(3) and the space's aspect_ratio rule from it; sessions 30-31 ran the R_N* 50 it favoured (not adopted)."""
 from __future__ import annotations
 
 import itertools
@@ -276,7 +276,7 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
     default = ScalingLaw()
     mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
     before = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (15.4, 16.0))  # sessions 7-14's law
-    tried = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (3.0, 50.0))  # run in session 30, not adopted
+    tried = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (3.0, 50.0))  # run in sessions 30-31 (15 and 30 min), not adopted
     best = rows[right.index(max(right))]
 
     def said(r):
@@ -284,7 +284,7 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
         return (f"(R_D* {r['R_D*']:g}, R_N* {r['R_N*']}): pairs right {r['pairs right']}, "
                 f"among the space's shapes {shapes}"
                 + (f", plans {r['plan at 10/15/30 min (this CPU)']} at 10/15/30 min" if model else ""))
-    summary = (f"default law {said(mine)}; R_N* 50 (run in session 30, not adopted) {said(tried)}; "
+    summary = (f"default law {said(mine)}; R_N* 50 (run in sessions 30-31, not adopted) {said(tried)}; "
                f"the law before session 15 {said(before)}; "
                f"best of {len(rows)} on the space's shapes {said(best)}; "
                + "; ".join(f"{k}: default {mine[k]}; R_N* 50 {tried[k]}; before {before[k]}" for k in comparisons))
