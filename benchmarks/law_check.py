@@ -226,8 +226,8 @@ def capped_pick(law, runs, unique: float, offered: set) -> str:
     pick = min(choosable, key=lambda k: law.loss(mean[k][0], min(mean[k][1], cap), unique))
     _, tokens, bpb = mean[pick]
     if tokens > cap:
-        at_cap = [r[3] for r in runs if arm_name(r[0]).startswith("autotune") and r[4] == pick
-                  and abs(r[2] / cap - 1) < 0.02]
+        at_cap = [b for a, _, t, b, s in runs if arm_name(a).startswith("autotune") and s == pick
+                  and abs(t / cap - 1) < 0.02]
         if not at_cap:
             return f"{pick} (past the cap, unmeasured)"
         bpb = statistics.mean(at_cap)
@@ -276,7 +276,7 @@ def variants(unique_tokens: float = 1.33e6, vocab: int = 4096):
     default = ScalingLaw()
     mine = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (default.r_star, default.r_star_params))
     before = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (15.4, 16.0))  # sessions 7-14's law
-    tried = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (3.0, 50.0))  # run in sessions 30-31 (15 and 30 min), not adopted
+    tried = next(r for r in rows if (r["R_D*"], r["R_N*"]) == (3.0, 50.0))  # run in sessions 30-31, not adopted
     best = rows[right.index(max(right))]
 
     def said(r):

@@ -794,6 +794,18 @@ def test_a_candidate_whose_gain_was_measured_is_planned_at_its_own_gain():
     assert gained[unmeasured] == pytest.approx(1.57 * eager[unmeasured])
 
 
+def test_an_unmeasured_leader_keeps_its_own_gain_when_the_lead_moves():
+    """The gain is measured on the leader before its reading is taken (`_verify_choice` comes
+    later), so an unmeasured candidate's own gain must hold too, not the next leader's."""
+    space, ev = _cpu_space_evidence()
+    eager = {r.key: r.tokens_per_s for r in ev.plan(800)}
+    unmeasured, other = [k for k in eager if k not in ev.readings][:2]
+    ev.compile_gain, ev.compile_gains = 1.57, {unmeasured: 1.42}
+    gained = {r.key: r.tokens_per_s for r in ev.plan(800)}
+    assert gained[unmeasured] == pytest.approx(1.42 * eager[unmeasured])
+    assert gained[other] == pytest.approx(1.57 * eager[other])
+
+
 def test_head_to_head_under_a_compile_gain_counts_the_gain_once(monkeypatch):
     """The rows' rates carry the compile gain and `Evidence.plan` applies it to the finalists'
     rates: the finalists' planned rates are the same model level × the gain, not × its square."""

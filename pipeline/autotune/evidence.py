@@ -13,14 +13,16 @@ from pipeline.autotune.plan import PlanRow, ScalingLaw, memory_ceiling, plan, pl
 
 
 class Scaled:
-    """A throughput model multiplied by a factor (data-parallel workers × measured efficiency ×
-    the full run's measured compile gain)."""
+    """A throughput model multiplied by the plan's factor (data-parallel workers × their measured
+    efficiency) and by the full run's compile gain: a shape's own where it was measured (`gains`,
+    (Shape, gain) pairs), else `gain`."""
 
-    def __init__(self, model, factor: float):
-        self.model, self.factor = model, factor
+    def __init__(self, model, factor: float, gain: float = 1.0, gains: tuple = ()):
+        self.model, self.factor, self.gain, self.gains = model, factor, gain, gains
 
     def tokens_per_s(self, shape) -> float:
-        return self.model.tokens_per_s(shape) * self.factor
+        own = next((g for s, g in self.gains if s == shape), self.gain)
+        return self.model.tokens_per_s(shape) * self.factor * own
 
 
 @dataclass
@@ -98,10 +100,11 @@ class Evidence:
 
     def plan(self, seconds: float) -> list[PlanRow]:
         """Every candidate, best first, for `seconds` of training."""
-        factor = self.factor * self.compile_gain
-        throughput = Scaled(self.throughput, factor) if factor != 1.0 else self.throughput
-        # a measured candidate is planned at its own gain where that was measured too (a leader
-        # without a reading gets one before launch, `_verify_choice`, and then its own gain)
+        # every candidate at its own compile gain where that was measured (`gain`), whether its
+        # rate comes from a reading or from the model: a leader's gain is measured before its
+        # reading is (`_verify_choice` comes after `_compile_gain`)
+        gains = tuple((self.shape(k), g) for k, g in self.compile_gains.items())
+        throughput = Scaled(self.throughput, self.factor, self.compile_gain, gains)
         return plan(self.candidates, throughput, self.memory, seconds, self.unique_tokens, law=self.law,
                     memory_limit=self.memory_limit, workers=self.workers,
                     measured={k: v * self.factor * self.gain(k) for k, v in self.measured().items()})
