@@ -75,11 +75,13 @@ def autotune_row(minutes: float, wall_s: float, run_dir: Path, data: str | None 
 
 def data_limited(state: dict) -> bool:
     """Whether an autotune run (its pipeline.json) trained the most tokens worth training on its
-    data (`ScalingLaw.useful_tokens`), and so stopped before its deadline by design."""
+    data (`ScalingLaw.useful_tokens`), or stopped as it began to overfit them (`OverfitCooldown`),
+    and so stopped before its deadline by design."""
     from pipeline.autotune.plan import ScalingLaw
 
     stages = state["stages"]
-    return ScalingLaw().data_limited(stages["train"]["tokens"], stages["data"]["unique_train_tokens"])
+    return (stages["train"].get("stopped") == "overfit"
+            or ScalingLaw().data_limited(stages["train"]["tokens"], stages["data"]["unique_train_tokens"]))
 
 
 def record(minutes: float, wall_s: float, run_dir: Path, data: str | None = None):

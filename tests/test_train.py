@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import ConfigError, RunConfig, apply_overrides
 from pipeline.train.engine import Diverged, Interrupted, Trainer
-from pipeline.train.schedule import Budget, lr_multiplier
+from pipeline.train.schedule import Budget, OverfitCooldown, lr_multiplier
 
 
 def quiet(*_):
@@ -126,6 +126,84 @@ def test_a_deadline_with_a_token_cap_ends_at_whichever_comes_first(tiny_data):
     assert res.stopped == "deadline" and t <= 20.0 + 4.0 and lrs[-1] < 0.2 * max(lrs)
     with pytest.raises(ValueError):
         Budget()
+
+
+def test_the_overfit_watch_needs_repeated_data_and_a_sustained_rise():
+    w = OverfitCooldown(margin=0.002, patience=2, cooldown=0.1)
+    for bpb in (2.0, 1.9, 1.8, 1.8015):             # falling, then a rise inside the margin
+        assert not w.observe(bpb, 1000, epochs=3.0, multiplier=0.5, step_tokens=10)
+    assert not w.observe(1.81, 1000, epochs=3.0, multiplier=0.5, step_tokens=10)   # one rise: no
+    assert not w.observe(1.79, 1000, epochs=3.0, multiplier=0.5, step_tokens=10)   # a new best resets
+    assert not w.observe(1.85, 1000, epochs=0.9, multiplier=0.5, step_tokens=10)   # first epoch:
+    assert not w.observe(1.85, 1000, epochs=0.9, multiplier=0.5, step_tokens=10)   # not overfitting
+    assert not w.cooling and w.multiplier(5000) == 1.0
+    assert not w.observe(1.80, 2000, epochs=2.0, multiplier=0.5, step_tokens=10)
+    assert w.observe(1.80, 2000, epochs=2.0, multiplier=0.5, step_tokens=10)
+    assert w.cooling and (w.start_tokens, w.end_tokens) == (2000, 2200)
+    assert w.multiplier(2000) == 0.5 and w.multiplier(2100) == pytest.approx(0.25) and w.multiplier(2200) == 0.0
+    again = OverfitCooldown()
+    again.load_state_dict(json_round_trip(w.state_dict()))
+    assert again == w
+    fresh = OverfitCooldown()
+    fresh.load_state_dict(json_round_trip(fresh.state_dict()))   # no best yet: stored as null
+    assert fresh.best == math.inf
+
+
+def json_round_trip(d):
+    import json
+
+    return json.loads(json.dumps(d, allow_nan=False))
+
+
+def overfitting_run(tiny_data, run_dir, stop_on_overfit=True, **kw):
+    """A run whose validation bpb falls until 30 steps and rises after (a fake evaluation),
+    on 8-step epochs, with a fake clock: a reading every 2 steps."""
+    now = [0.0]
+    lrs = []
+
+    def tick(trainer, loss):
+        now[0] += 1.0 / trainer.accum
+        lrs.append((trainer.tokens, trainer.optimizer.param_groups[0]["lr"]))
+        return loss
+
+    cfg = tiny_run_config(eval_every_s=2.0, data_fraction=0.06, stop_on_overfit=stop_on_overfit, warmup_frac=0.0)
+    t = make(tiny_data, Budget(tokens=200 * 1024, clock=lambda: now[0]), run_dir=run_dir, cfg=cfg,
+             loss_hook=tick, **kw)
+    real = t.evaluate
+
+    def evaluate(max_tokens):
+        if max_tokens == cfg.train.final_eval_tokens:
+            return real(max_tokens)
+        steps = t.tokens / t.tokens_per_step
+        return 0.0, 2.0 - 0.01 * min(steps, 30) + 0.001 * max(0.0, steps - 30), 1
+
+    t.evaluate = evaluate
+    return t, lrs
+
+
+def test_a_run_that_overfits_cools_down_and_stops_early_and_resumes_so(tiny_data, tmp_path):
+    t, lrs = overfitting_run(tiny_data, tmp_path / "a")
+    assert t.unique_train_tokens < 10 * 1024         # epochs of ~8 steps: the data repeats
+    res = t.run()
+    step = t.tokens_per_step
+    # readings at 32 steps (above the best, within the margin), 34 and 36 (two rises): the
+    # cooldown starts at 36 steps and spans a tenth of the tokens so far
+    assert res.stopped == "overfit" and res.overfit_at_tokens == 36 * step
+    assert res.tokens == 40 * step                  # 36 + round(3.6) steps
+    at_trigger = next(lr for tokens, lr in lrs if tokens == 36 * step)
+    cooling = [lr for tokens, lr in lrs if tokens >= 36 * step][::t.accum]
+    assert cooling == pytest.approx([at_trigger * k / 4 for k in (4, 3, 2, 1)])  # linearly toward zero
+    assert res.final_val_bpb is not None and (tmp_path / "a" / "model" / "hf").is_dir()
+
+    # interrupted inside the cooldown, the resumed run keeps it and stops at the same place
+    first, _ = overfitting_run(tiny_data, tmp_path / "b", stop_after_steps=37)
+    assert first.run().stopped == "steps"
+    resumed, _ = overfitting_run(tiny_data, tmp_path / "b", resume=True)
+    assert resumed.overfit.cooling
+    assert resumed.run().tokens == res.tokens
+
+    off, _ = overfitting_run(tiny_data, tmp_path / "c", stop_on_overfit=False)
+    assert off.run().stopped == "tokens"            # train.stop_on_overfit=false trains on
 
 
 def test_warmup_starts_at_the_first_step_not_at_process_start(tiny_data, tmp_path):

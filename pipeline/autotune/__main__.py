@@ -569,7 +569,8 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
         raise KeyboardInterrupt from None
     pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
                           "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"],
-                          "compute_dtype": result.get("compute_dtype", "fp32")})
+                          "compute_dtype": result.get("compute_dtype", "fp32"),
+                          "stopped": result.get("stopped", "")})
     return cfg, result, run_id
 
 
@@ -610,8 +611,9 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
         f"{result.get('compute_dtype', 'fp32')} compute)\n"
         f"  tokens/s   predicted {planned.predicted_tps:,.0f}{eager_note}, achieved {result['tokens_per_s']:,.0f}\n"
         f"  val bpb    {result['final_val_bpb']:.4f} on {result['tokens'] / 1e6:.1f}M training tokens"
-        + (f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: data-limited, ended early)"
-           if result.get("stopped") == "tokens" else "") + "\n"
+        + {"tokens": f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: data-limited, ended early)",
+           "overfit": f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: validation bpb rose, so the "
+                      "learning rate cooled down early and the run ended)"}.get(result.get("stopped"), "") + "\n"
         "  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"
         f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"

@@ -32,6 +32,8 @@ class TrainConfig:
     compile: bool = False
     eval_every_s: float = 120.0
     eval_tokens: int = 32768        # fixed validation sample for periodic evaluation
+    stop_on_overfit: bool = True    # past one epoch, rising periodic validation bpb cools the
+    #                                 learning rate to zero and ends the run (OverfitCooldown)
     final_eval_tokens: int = 1_000_000  # cap on the "full" validation split at the end
     checkpoint_every_s: float = 300.0
     keep_checkpoints: int = 2

@@ -30,10 +30,10 @@ from pipeline.errors import UserError
 from pipeline.hardware import cpu_has_native_bf16
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.config import RunConfig
-from pipeline.train.schedule import Budget, lr_multiplier
+from pipeline.train.schedule import Budget, OverfitCooldown, lr_multiplier
 
 
-STOPS = ["", "signal", "deadline", "tokens", "steps"]
+STOPS = ["", "signal", "deadline", "tokens", "steps", "overfit"]
 
 
 class Interrupted(Exception):
@@ -63,7 +63,8 @@ class TrainResult:
     final_val_loss: float | None = None
     final_val_bpb: float | None = None
     loss_trace: list = field(default_factory=list)   # (elapsed seconds, train loss)
-    stopped: str = ""                  # deadline | tokens | steps | diverged
+    stopped: str = ""                  # deadline | tokens | steps | overfit | diverged
+    overfit_at_tokens: int | None = None  # where rising validation bpb started the cooldown
     nan_rollbacks: int = 0
     oom_halvings: int = 0
     micro_batch: int = 0
@@ -223,6 +224,8 @@ class Trainer:
         self.elapsed_before = 0.0          # training seconds spent by earlier processes (resume)
         self.train_from = 0.0              # elapsed seconds at the first step: the schedule starts there
         self.lr_scale = 1.0
+        self.overfit = OverfitCooldown()
+        self.unique_train_tokens = len(train_tokens)  # what one epoch is (after data_fraction)
         self.failures_since_checkpoint = 0
         self.result = TrainResult(run_dir=str(self.run_dir) if self.run_dir else None,
                                   compute_dtype={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32"))
@@ -267,6 +270,9 @@ class Trainer:
             self._set_micro_batch(state["micro_batch"])
         self.loader.load_state_dict(state["loader"])
         self.result.nan_rollbacks = state.get("nan_rollbacks", 0)
+        self.overfit = OverfitCooldown()
+        self.overfit.load_state_dict(state.get("overfit", {}))
+        self.result.overfit_at_tokens = self.overfit.start_tokens
 
     def _set_micro_batch(self, micro: int) -> None:
         total = self.micro_batch * self.accum
@@ -414,7 +420,7 @@ class Trainer:
                 "lr_scale": self.lr_scale, "train_from_s": self.train_from, "micro_batch": self.micro_batch,
                 "loader": self.loader.state_dict(), "config_fingerprint": self.cfg.fingerprint(),
                 "budget_seconds": self.budget.seconds, "budget_tokens": self.budget.tokens,
-                "nan_rollbacks": self.result.nan_rollbacks,
+                "nan_rollbacks": self.result.nan_rollbacks, "overfit": self.overfit.state_dict(),
                 "mlflow_run_id": self.tracker.id if self.tracker else None}
 
     def save_checkpoint(self) -> float:
@@ -508,6 +514,8 @@ class Trainer:
                     stop = "tokens"
                 elif self.stop_after_steps is not None and res.steps >= self.stop_after_steps:
                     stop = "steps"
+                elif self.overfit.cooling and self.tokens + self.tokens_per_step > self.overfit.end_tokens:
+                    stop = "overfit"
                 do_eval = not self.trial and res.steps > 0 and now - last_eval >= tc.eval_every_s
                 do_ckpt = not self.trial and res.steps > 0 and now - last_ckpt >= tc.checkpoint_every_s
                 # (rank 0's progress too: ranks with their own clocks would step at different rates)
@@ -520,6 +528,8 @@ class Trainer:
                         val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
                         self._log_metrics({"val_loss": val_loss, "val_bpb": bpb})
                         display.note(f"step {self.step}: val bpb {bpb:.4f}")
+                    if tc.stop_on_overfit:
+                        self._watch_overfit(bpb if self.evaluates else math.nan, p, display)
                 if do_ckpt:
                     last_ckpt = now
                     res.save_s = max(res.save_s, self.save_checkpoint())
@@ -532,7 +542,8 @@ class Trainer:
                         self._deadline_error(None, reserve)
                     res.stopped = stop
                     break
-                lr = tc.lr * self.lr_scale * lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac)
+                lr = tc.lr * self.lr_scale * min(lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac),
+                                                 self.overfit.multiplier(self.tokens))
                 t = time.monotonic()
                 try:
                     loss, grad_norm = self.train_step(lr)
@@ -586,6 +597,31 @@ class Trainer:
         self.loader.close()
         self._finish(step_times)
         return res
+
+    def _watch_overfit(self, bpb: float, progress: float, display) -> None:
+        """Feed a periodic validation reading to the overfitting watch (rank 0 decides; every
+        rank takes its cooldown, so data-parallel ranks stop together)."""
+        tc = self.cfg.train
+        multiplier = min(lr_multiplier(progress, tc.schedule, tc.warmup_frac, tc.decay_frac),
+                         self.overfit.multiplier(self.tokens))
+        started = self.is_main and self.overfit.observe(bpb, self.tokens, self.tokens / self.unique_train_tokens,
+                                                        multiplier, self.tokens_per_step)
+        if self.world > 1:
+            flag, end, mult = self._broadcast([started, self.overfit.end_tokens or 0, multiplier])
+            if flag and not self.is_main:
+                self.overfit.start_tokens, self.overfit.end_tokens = self.tokens, int(end)
+                self.overfit.start_multiplier, started = mult, True
+        if not started:
+            return
+        self.result.overfit_at_tokens = self.tokens
+        message = (f"validation bpb rose above its best ({self.overfit.best:.4f}) {self.overfit.patience} "
+                   f"readings running at {self.tokens / self.unique_train_tokens:.1f} epochs: cooling the "
+                   f"learning rate to zero over {self.overfit.end_tokens - self.tokens:,} more tokens, then "
+                   "stopping (train.stop_on_overfit=false trains on)")
+        if self.is_main:
+            display.note(message)
+        if self.tracker:
+            self.tracker.log_metrics({"overfit_cooldown_from_tokens": self.tokens}, self.step)
 
     def _broadcast(self, values: list) -> list:
         """Rank 0's values on every rank (identity without data parallelism)."""
@@ -661,7 +697,9 @@ class Trainer:
                            "tokens_per_s": res.tokens_per_s, "train_tokens": res.tokens,
                            "elapsed_s": res.elapsed_s})
         self.log(f"finished: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tok/s, "
-                 f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s ({res.compute_dtype})")
+                 f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s ({res.compute_dtype})"
+                 + (f"; ended early at {self.tokens / self.unique_train_tokens:.1f} epochs, cooled down as "
+                    "validation bpb rose" if res.stopped == "overfit" else ""))
 
     def save_model(self, folder: Path) -> Path | None:
         """The final model folder: native weights + config, tokenizer, and the HF export
