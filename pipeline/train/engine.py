@@ -614,8 +614,8 @@ class Trainer:
         if not started:
             return
         self.result.overfit_at_tokens = self.tokens
-        message = (f"validation bpb rose above its best ({self.overfit.best:.4f}) {self.overfit.patience} "
-                   f"readings running at {self.tokens / self.unique_train_tokens:.1f} epochs: cooling the "
+        message = (f"validation bpb stayed above its best ({self.overfit.best:.4f}) for {self.overfit.patience} "
+                   f"readings at {self.tokens / self.unique_train_tokens:.1f} epochs: cooling the "
                    f"learning rate to zero over {self.overfit.end_tokens - self.tokens:,} more tokens, then "
                    "stopping (train.stop_on_overfit=false trains on)")
         if self.is_main:

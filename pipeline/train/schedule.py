@@ -52,13 +52,14 @@ class OverfitCooldown:
     """Ends a run that has started to overfit repeated data, with its learning rate cooled to
     zero first. The schedule runs to the deadline (or to the planner's data cap, 12.7 epochs for
     every model), but larger models overfit a small corpus sooner: an uncapped d256-L4 on the
-    embedded corpus reached its best validation bpb (1.488) near 8 epochs and ended at 1.505
-    after 12.5, while the same model stopped at 10.5 epochs by its plan ended at 1.479 (session
-    31, Xeon). So, once the data repeats (past one epoch), validation readings that stay above
-    the best one by more than `margin` (relative) `patience` times in a row start a linear
+    embedded corpus read its best validation bpb (1.489) near 8 epochs and ended at 1.516 after
+    12.8; with this stop it ended at 1.498 after 10.9 (session 32, Xeon;
+    benchmarks/notes/overfit.md). So, once the data repeats (past one epoch), readings that stay
+    above the best one by more than `margin` (relative) `patience` times in a row start a linear
     cooldown from the current learning rate to zero over `cooldown` × the tokens trained so far,
-    and the run ends there ("overfit"). One rising reading is not enough: between readings the
-    periodic evaluation moves by ~0.1% while a model still learns."""
+    and the run ends there ("overfit"). One rising reading is not enough: near its best, the run
+    without the stop moved 0.03-0.6% between readings. The margin, patience and cooldown length
+    are a judgement, not a fit (one model, one corpus)."""
     margin: float = 0.002
     patience: int = 2
     cooldown: float = 0.1
@@ -95,8 +96,9 @@ class OverfitCooldown:
         return self.start_multiplier * min(1.0, max(0.0, left))
 
     def state_dict(self) -> dict:
-        return {"best": self.best if math.isfinite(self.best) else None, "rises": self.rises, "start_tokens": self.start_tokens,
-                "end_tokens": self.end_tokens, "start_multiplier": self.start_multiplier}
+        return {"best": self.best if math.isfinite(self.best) else None, "rises": self.rises,
+                "start_tokens": self.start_tokens, "end_tokens": self.end_tokens,
+                "start_multiplier": self.start_multiplier}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
