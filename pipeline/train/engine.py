@@ -272,7 +272,6 @@ class Trainer:
         self.result.nan_rollbacks = state.get("nan_rollbacks", 0)
         self.overfit = OverfitCooldown()
         self.overfit.load_state_dict(state.get("overfit", {}))
-        self.result.overfit_at_tokens = self.overfit.start_tokens
 
     def _set_micro_batch(self, micro: int) -> None:
         total = self.micro_batch * self.accum
@@ -542,8 +541,7 @@ class Trainer:
                         self._deadline_error(None, reserve)
                     res.stopped = stop
                     break
-                lr = tc.lr * self.lr_scale * min(lr_multiplier(p, tc.schedule, tc.warmup_frac, tc.decay_frac),
-                                                 self.overfit.multiplier(self.tokens))
+                lr = tc.lr * self.lr_scale * self._lr_multiplier(p)
                 t = time.monotonic()
                 try:
                     loss, grad_norm = self.train_step(lr)
@@ -598,14 +596,22 @@ class Trainer:
         self._finish(step_times)
         return res
 
+    @property
+    def epochs(self) -> float:
+        return self.tokens / self.unique_train_tokens
+
+    def _lr_multiplier(self, progress: float) -> float:
+        """The schedule's multiplier at `progress`, capped by an overfitting cooldown."""
+        tc = self.cfg.train
+        return min(lr_multiplier(progress, tc.schedule, tc.warmup_frac, tc.decay_frac),
+                   self.overfit.multiplier(self.tokens))
+
     def _watch_overfit(self, bpb: float, progress: float, display) -> None:
         """Feed a periodic validation reading to the overfitting watch (rank 0 decides; every
         rank takes its cooldown, so data-parallel ranks stop together)."""
-        tc = self.cfg.train
-        multiplier = min(lr_multiplier(progress, tc.schedule, tc.warmup_frac, tc.decay_frac),
-                         self.overfit.multiplier(self.tokens))
-        started = self.is_main and self.overfit.observe(bpb, self.tokens, self.tokens / self.unique_train_tokens,
-                                                        multiplier, self.tokens_per_step)
+        multiplier = self._lr_multiplier(progress)
+        started = self.is_main and self.overfit.observe(bpb, self.tokens, self.epochs, multiplier,
+                                                        self.tokens_per_step)
         if self.world > 1:
             flag, end, mult = self._broadcast([started, self.overfit.end_tokens or 0, multiplier])
             if flag and not self.is_main:
@@ -613,9 +619,8 @@ class Trainer:
                 self.overfit.start_multiplier, started = mult, True
         if not started:
             return
-        self.result.overfit_at_tokens = self.tokens
         message = (f"validation bpb stayed above its best ({self.overfit.best:.4f}) for {self.overfit.patience} "
-                   f"readings at {self.tokens / self.unique_train_tokens:.1f} epochs: cooling the "
+                   f"readings at {self.epochs:.1f} epochs: cooling the "
                    f"learning rate to zero over {self.overfit.end_tokens - self.tokens:,} more tokens, then "
                    "stopping (train.stop_on_overfit=false trains on)")
         if self.is_main:
@@ -673,6 +678,7 @@ class Trainer:
     def _finish(self, step_times: list[float]) -> None:
         res, tc = self.result, self.cfg.train
         res.tokens, res.elapsed_s = self.tokens, self.elapsed()
+        res.overfit_at_tokens = self.overfit.start_tokens
         if step_times:
             res.tokens_per_s = self._tps(step_times)
             res.step_time_s = statistics.median(step_times)
@@ -698,7 +704,7 @@ class Trainer:
                            "elapsed_s": res.elapsed_s})
         self.log(f"finished: {res.steps} steps, {res.tokens:,} tokens, {res.tokens_per_s:,.0f} tok/s, "
                  f"val bpb {res.final_val_bpb:.4f}, {res.elapsed_s:.1f}s ({res.compute_dtype})"
-                 + (f"; ended early at {self.tokens / self.unique_train_tokens:.1f} epochs, cooled down as "
+                 + (f"; ended early at {self.epochs:.1f} epochs, cooled down as "
                     "validation bpb rose" if res.stopped == "overfit" else ""))
 
     def save_model(self, folder: Path) -> Path | None:
