@@ -80,8 +80,12 @@ def data_limited(state: dict) -> bool:
     from pipeline.autotune.plan import ScalingLaw
 
     stages = state["stages"]
-    return (stages["train"].get("stopped") == "overfit"
-            or ScalingLaw().data_limited(stages["train"]["tokens"], stages["data"]["unique_train_tokens"]))
+    train = stages["train"]
+    if "token_cap" in train:  # the cap the full run was given (it falls with the model's size)
+        return train.get("stopped") == "overfit" or train["tokens"] >= 0.999 * train["token_cap"]
+    # runs before the cap was recorded: every model's cap was the law's size-free one
+    return (train.get("stopped") == "overfit"
+            or ScalingLaw().data_limited(train["tokens"], stages["data"]["unique_train_tokens"]))
 
 
 def record(minutes: float, wall_s: float, run_dir: Path, data: str | None = None):

@@ -212,7 +212,6 @@ def capped_pick(law, runs, unique: float, offered: set) -> str:
     there), and what that costs: the choice's measured bpb over the best grid run's. A shape whose
     grid run went past the cap is measured by an autotune run of it stopped at this law's cap, or
     not at all."""
-    cap = law.useful_tokens(unique)
     grid: dict = {}  # shape -> its grid runs' (params, tokens, bpb)
     for arm, *run, shape in runs:
         if arm_name(arm).startswith("grid:"):
@@ -223,8 +222,10 @@ def capped_pick(law, runs, unique: float, offered: set) -> str:
     choosable = [k for k in mean if k in offered]
     if not choosable:
         return "no grid shape of the space"
-    pick = min(choosable, key=lambda k: law.loss(mean[k][0], min(mean[k][1], cap), unique))
-    _, tokens, bpb = mean[pick]
+    pick = min(choosable, key=lambda k: law.loss(mean[k][0], min(mean[k][1], law.useful_tokens(unique, mean[k][0])),
+                                                   unique))
+    params, tokens, bpb = mean[pick]
+    cap = law.useful_tokens(unique, params)
     if tokens > cap:
         at_cap = [b for a, _, t, b, s in runs if arm_name(a).startswith("autotune") and s == pick
                   and abs(t / cap - 1) < 0.02]

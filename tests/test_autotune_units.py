@@ -88,9 +88,10 @@ def test_on_a_fast_machine_and_little_data_the_plan_stops_at_the_useful_tokens_w
     cands = grid_shapes(widths=(256, 384, 512, 1024), depths=(4, 8, 12))
     rows = plan(cands, FlopRate(3e14), NoMemory(), 540, unique_tokens=unique)
     best = rows[0]
-    assert best.tokens == pytest.approx(law.useful_tokens(unique)) and 12 < best.epochs < 13
-    assert best.params == min(r.params for r in rows)         # the tie goes to the smaller model
-    assert all(r.tokens <= law.useful_tokens(unique) * (1 + 1e-9) for r in rows)
+    assert best.tokens == pytest.approx(law.useful_tokens(unique, best.params)) and best.data_limited
+    assert best.params == min(r.params for r in rows)         # the smallest: the most epochs worth training
+    assert all(r.tokens <= law.useful_tokens(unique, r.params) * (1 + 1e-9) and r.data_limited for r in rows)
+    assert max(r.epochs for r in rows) < 12.8
     assert "data-limited" in why(best, rows)
     # with plenty of data the time binds and the choice grows with it
     fresh = plan(cands, FlopRate(3e14), NoMemory(), 540, unique_tokens=1e12)[0]
@@ -102,6 +103,31 @@ def test_on_a_fast_machine_and_little_data_the_plan_stops_at_the_useful_tokens_w
                                    "kv_ratio": 1, "seq_len": 256, "micro_batch": 8}) for r in rows]
     text = plan_text(named, top=3, chosen=named[11])
     assert "*12" in text and f"L{named[11].candidate['n_layers']} " in text and "*1 " not in text
+
+
+def test_the_data_cap_comes_earlier_for_models_larger_than_the_data():
+    # on the 1.33M-token embedded corpus d256-L4 (5.2M parameters) overfit past ~9 epochs while
+    # d192-L3 (2.6M) was still level at 12.7 (benchmarks/notes/overfit.md)
+    law, u = ScalingLaw(), 1.33e6
+    size_free = law.useful_tokens(u)
+    assert size_free / u == pytest.approx(1 + 3 * math.log(50))              # 12.7 epochs at R_D* 3
+    for n in (1e5, 1e6, 2 * u):                                              # N <= 2U: as before
+        assert law.useful_tokens(u, n) == pytest.approx(size_free, rel=2e-3)
+    assert law.useful_tokens(u, 4 * u) / u == pytest.approx(9.0)            # K·√(U/N) = 18/2
+    assert law.useful_tokens(u, 5.245e6) / u == pytest.approx(9.06, abs=0.01)  # d256-L4
+    assert law.useful_tokens(u, 1e6 * u) == u                               # never under one epoch
+    assert law.data_limited(9.0 * u, u, 4 * u) and not law.data_limited(9.0 * u, u)
+    # plenty of data: no cap binds before the law's own
+    assert law.useful_tokens(1e10, 1e9) == pytest.approx(law.useful_tokens(1e10))
+    # in the plan each candidate stops at its own cap, so a larger one trains fewer epochs and
+    # the law is asked about the tokens it will really train
+    cands = grid_shapes(widths=(128, 256, 384), depths=(4,))
+    rows = {r.params: r for r in plan(cands, FlopRate(3e13), NoMemory(), 3600, unique_tokens=u)}
+    small, mid, large = (rows[k] for k in sorted(rows))
+    assert small.data_limited and mid.data_limited and large.data_limited
+    assert small.epochs > mid.epochs > large.epochs
+    assert mid.epochs == pytest.approx(18 * math.sqrt(u / mid.params))
+    assert large.predicted_loss == pytest.approx(law.loss(large.params, large.tokens, u))
 
 
 def test_effective_parameters_saturate_beyond_what_the_data_can_train():

@@ -525,6 +525,7 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     from pipeline.train.engine import Interrupted, result_dict
     from pipeline.train.run import load_resume, train_run
     from pipeline.train.schedule import Budget
+    from model.config import param_counts
 
     chosen = pipe.state["stages"]["plan"]["chosen"]
     cfg = full_run_config(chosen, space, data.vocab_size, data=settings_from_args(args, args.seed), seed=args.seed,
@@ -535,15 +536,17 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     resume_full = (full_dir / "checkpoints").is_dir() and any((full_dir / "checkpoints").glob("step-*"))
     seconds = pipe.left() - planned.reg_reserve
     # On little data the run stops at the most tokens worth training, before the deadline if it
-    # comes to that (the plan counted no more: `ScalingLaw.useful_tokens`)
+    # comes to that (the plan counted no more: `ScalingLaw.useful_tokens`); the cap falls with the
+    # model's size, so it is the one that trains, `--set` overrides included
     law = ScalingLaw()
-    cap = int(law.useful_tokens(data.unique_train_tokens))
+    n_params = param_counts(cfg.model)["active"]
+    cap = int(law.useful_tokens(data.unique_train_tokens, n_params))
     if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):
             raise UserError("not launched; rerun with --resume to continue from the plan")
     workers = pipe.state.get("workers", 1)
-    limited = law.data_limited(planned.best.tokens, data.unique_train_tokens)
+    limited = law.data_limited(min(planned.best.tokens, cap), data.unique_train_tokens, n_params)
     log(f"[bold]training[/] for {seconds:.0f}s in {full_dir}" + (f" on {workers} workers" if workers > 1 else "")
         + (f", or until {cap / 1e6:,.1f}M tokens ({cap / data.unique_train_tokens:.1f} epochs): the data, not the "
            "time, limits this run; more data (--data) would use the rest" if limited else ""))
@@ -570,7 +573,7 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
                           "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"],
                           "compute_dtype": result.get("compute_dtype", "fp32"),
-                          "stopped": result.get("stopped", "")})
+                          "stopped": result.get("stopped", ""), "token_cap": cap})
     return cfg, result, run_id
 
 

@@ -49,6 +49,7 @@ class ScalingLaw:
     beta: float = 0.3658
     r_star: float = 3.0      # R_D*: repeated-data decay (the paper: 15.4; see above)
     r_star_params: float = 16.0  # R_N*: decay for excess parameters (the paper: 5.3; see above)
+    repeat_epochs: float = 18.0  # K: N parameters stop gaining from repeats at K·√(U/N) epochs
 
     def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
         if n_params <= 0 or tokens <= 0:
@@ -59,17 +60,30 @@ class ScalingLaw:
             n = effective_params(n_params, self.optimal_params(unique_tokens), self.r_star_params)
         return self.E + self.A / n ** self.alpha + self.B / d ** self.beta
 
-    def useful_tokens(self, unique_tokens: float) -> float:
-        """The most tokens worth training on `unique_tokens` of data: where D' is within
-        1/SATURATION of its ceiling (12.7 epochs at R_D* = 3). Past it the law still credits a
-        sliver, but in runs repeats hurt: on 2 CPU cores d192-L3 reached 1.4852 bpb at 10 epochs of
-        the embedded corpus and 1.4919 at 14.3; on an H200 a 55M model's val bpb rose from 1.90 to
-        2.96 between 94 and 300 epochs (session 17). The plan and the full run stop here."""
-        return unique_tokens * (1.0 + self.r_star * math.log(SATURATION))
+    def useful_tokens(self, unique_tokens: float, n_params: float | None = None) -> float:
+        """The most tokens worth training on `unique_tokens` (U) of data: where D' is within
+        1/SATURATION of its ceiling (12.7 epochs at R_D* = 3), and for a model of `n_params` (N)
+        no more than K·√(U/N) epochs (K = `repeat_epochs`), at least one.
 
-    def data_limited(self, tokens: float, unique_tokens: float) -> bool:
+        Past the first limit the law still credits a sliver, but in runs repeats hurt: on 2 CPU
+        cores d192-L3 reached 1.4852 bpb at 10 epochs of the embedded corpus and 1.4919 at 14.3;
+        on an H200 a 55M model's val bpb rose from 1.90 to 2.96 between 94 and 300 epochs
+        (session 17). The second is the measured fact that larger models overfit repeats sooner,
+        which the law's form cannot say (its D' only saturates): on the 1.33M-token embedded
+        corpus d256-L4 (5.2M parameters) did best at 9 epochs or fewer and lost 0.5% at 10.5,
+        2.3% at 12.5 and 3.0% at 12.8, while d192-L3 (2.6M) was still level at 12.7
+        (`benchmarks/notes/overfit.md`). The exponent 1/2 is the least those two sizes allow;
+        K = 18 puts d256-L4's cap at 9 epochs and leaves every model with N <= 2U at 12.7. Only
+        runs with N > 2U are capped earlier: on a CPU that is the space's largest shapes on the
+        embedded corpus, on a GPU every candidate on it. The plan and the full run stop here."""
+        epochs = 1.0 + self.r_star * math.log(SATURATION)
+        if n_params:
+            epochs = min(epochs, max(1.0, self.repeat_epochs * math.sqrt(unique_tokens / n_params)))
+        return unique_tokens * epochs
+
+    def data_limited(self, tokens: float, unique_tokens: float, n_params: float | None = None) -> bool:
         """Whether `tokens` reach `useful_tokens`: the data, not the time, ends such a run."""
-        return tokens >= 0.999 * self.useful_tokens(unique_tokens)
+        return tokens >= 0.999 * self.useful_tokens(unique_tokens, n_params)
 
     def optimal_params(self, tokens: float) -> float:
         """The N whose compute-optimal allocation under this law trains on exactly `tokens`:
@@ -134,6 +148,7 @@ class PlanRow:
     predicted_loss: float
     measured: bool = False
     parallel: str = "ddp"       # "fsdp": fits only with weights/optimizer state sharded over workers
+    data_limited: bool = False  # its tokens reach `ScalingLaw.useful_tokens`: the data ends its run
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,8 +162,6 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
     measured tokens/s, which replaces the model's prediction for those candidates. With several
     `workers`, a candidate whose replica does not fit may still fit sharded (FSDP)."""
     measured = measured or {}
-    # with little data the run stops early, at the most tokens worth training (`useful_tokens`)
-    cap = law.useful_tokens(unique_tokens) if unique_tokens else math.inf
     rows = []
     for key, cand, shape in candidates:
         tps = measured.get(key) or throughput.tokens_per_s(shape)
@@ -156,13 +169,15 @@ def plan(candidates: list[tuple[str, dict, Shape]], throughput: Throughput, memo
         if mem > memory_limit and workers > 1:
             mem, parallel = memory.bytes(shape, shards=workers), "fsdp"
         n = law_params(shape)
+        # with little data the run stops early, at the most tokens worth training (`useful_tokens`)
+        cap = law.useful_tokens(unique_tokens, n) if unique_tokens else math.inf
         tokens = min(max(0.0, tps * seconds), cap)
         feasible = mem <= memory_limit and tokens >= 1
         rows.append(PlanRow(key=key, candidate=cand, params=n, tokens_per_s=tps, memory_bytes=mem,
                             feasible=feasible, tokens=tokens, tokens_per_param=tokens / n,
                             epochs=tokens / unique_tokens if unique_tokens else math.nan,
                             predicted_loss=law.loss(n, tokens, unique_tokens) if feasible else math.inf,
-                            measured=key in measured, parallel=parallel))
+                            measured=key in measured, parallel=parallel, data_limited=tokens >= 0.999 * cap))
     # ties (past the law's saturation): the smaller model, then the faster one
     rows.sort(key=lambda r: (not r.feasible, r.predicted_loss, r.params, -r.tokens_per_s))
     return rows
@@ -203,14 +218,14 @@ def measured_instead(rows: list[PlanRow], rows_after_measuring: list[PlanRow]) -
     return next((r for r in rows if r.measured and r.feasible and r.predicted_loss <= after), None)
 
 
-def why(best: PlanRow, rows: list[PlanRow], law: ScalingLaw = ScalingLaw()) -> str:
+def why(best: PlanRow, rows: list[PlanRow]) -> str:
     """One sentence on why the winner won against its neighbours in size."""
     feasible = [r for r in rows if r.feasible]
     bigger = [r for r in feasible if r.params > best.params]
     smaller = [r for r in feasible if r.params < best.params]
     parts = [f"{best.params / 1e6:.2f}M params × {best.tokens / 1e6:.1f}M tokens "
              f"({best.tokens_per_param:.1f} tokens/param, {best.epochs:.2f} epochs)"]
-    if law.data_limited(best.epochs, 1.0):  # (epochs: tokens per unique token)
+    if best.data_limited:
         parts.append("data-limited: more epochs or a larger model would not lower the predicted loss, "
                      "so the run stops early; more data (--data) would use the time")
     if bigger:
