@@ -72,10 +72,12 @@ class ScalingLaw:
         which the law's form cannot say (its D' only saturates): on the 1.33M-token embedded
         corpus d256-L4 (5.2M parameters) did best at 9 epochs or fewer and lost 0.5% at 10.5,
         2.3% at 12.5 and 3.0% at 12.8, while d192-L3 (2.6M) was still level at 12.7
-        (`benchmarks/notes/overfit.md`). The exponent 1/2 is the least those two sizes allow;
-        K = 18 puts d256-L4's cap at 9 epochs and leaves every model with N <= 2U at 12.7. Only
-        runs with N > 2U are capped earlier: on a CPU that is the space's largest shapes on the
-        embedded corpus, on a GPU every candidate on it. The plan and the full run stop here."""
+        (`benchmarks/notes/overfit.md`; session 33 saw a hint that 12.7 is late for d192-L3 too,
+        0.5% at 9.9 epochs against a 0.3% run-to-run spread). The exponent 1/2 is the least those
+        two sizes allow; K = 18 puts d256-L4's cap at 9 epochs and leaves every model with N <= 2U
+        at 12.7. Only runs with N > 2U are capped earlier: on a CPU that is the space's largest
+        shapes on the embedded corpus, on a GPU every candidate on it. The plan and the full run
+        stop here."""
         epochs = 1.0 + self.r_star * math.log(SATURATION)
         if n_params:
             epochs = min(epochs, max(1.0, self.repeat_epochs * math.sqrt(unique_tokens / n_params)))
