@@ -4,8 +4,8 @@ a replay of stored results, seconds on any machine.)
 For every pair of grid or autotune runs at one budget (`benchmarks/results/quality-arms-cpu.json`,
 each with its parameters and the tokens it trained), the law predicts which of the two ends lower; a pair
 counts when the two are different architectures and differ by more than 0.004 bpb (under that,
-seeds decide). This is done
-for the default law (R_N* = 50 since session 33, 16 before: our recalibrations), Muennighoff et al.'s R_N* = 5.3 and other
+seeds decide). This is done for the default law (R_N* = 50 since session 33, 16 before: our
+recalibrations), Muennighoff et al.'s R_N* = 5.3 and other
 discounts of excess parameters, together with the training time at which the planner, given the throughput model
 fitted on all stored calibrations (`calibrations-cpu.json`), stops choosing the space's smallest
 model, what each stored calibration's own model would make it choose at 10, 15 and 30 minutes, and
@@ -17,7 +17,8 @@ parameters do), over every stored comparison of every machine: the pairs each la
 finished, over all runs and over the shapes the CPU space offers, the measured run it ranks first
 among those, the grid shape it would choose with the tokens capped as the full run caps them, and
 what the planner would choose with this CPU's throughput model. Session 15 chose the planner's R_D*
-(3) and the space's aspect_ratio rule from it; sessions 30-31 ran the R_N* 50 it favoured, which session 33 adopted with the size-dependent data cap."""
+(3) and the space's aspect_ratio rule from it; sessions 30-31 ran the R_N* 50 it favoured, which
+session 33 adopted with the size-dependent data cap."""
 from __future__ import annotations
 
 import itertools
