@@ -99,9 +99,13 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, as PyTorch's cpuinfo
     reports). There oneDNN's bf16 matmuls ran 2.0-3.4x the fp32 rate on a 2-core EPYC (Zen 4),
     and the engine's step 1.2-1.3x eager, 1.5-1.75x compiled (benchmarks/notes/cpu_precision.md);
-    elsewhere bf16 is converted in software, not measured here, so `auto` stays fp32."""
+    elsewhere bf16 is converted in software, not measured here, so `auto` stays fp32.
+    PUFFERFISH_CPU_BF16=0 answers no on any CPU: `auto` trains fp32 everywhere, trials and full
+    run alike, so one machine can measure what an fp32-only CPU would choose."""
     import torch
 
+    if os.environ.get("PUFFERFISH_CPU_BF16", "").strip() == "0":
+        return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the guard
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

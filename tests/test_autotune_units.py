@@ -728,6 +728,23 @@ def _measure_compile_gain(monkeypatch, gains: list, overrides=()):
     return measured, eager, rows, ev, pipe.state
 
 
+def test_the_compile_gain_prior_follows_the_full_runs_precision(monkeypatch):
+    """bf16 autocast gains more from compiling than fp32 (1.5-1.8x against 1.1-1.4x on 2 cores):
+    the leader measured first is picked at the prior of the precision the full run will train in."""
+    from pipeline.autotune import finalists
+    from pipeline.train import engine
+    from pipeline.train.config import RunConfig
+
+    cfg = RunConfig()
+    for native, auto in ((True, finalists.PRIOR_COMPILE_GAIN), (False, finalists.PRIOR_COMPILE_GAIN_FP32)):
+        monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda native=native: native)
+        for precision, prior in (("auto", auto), ("bf16", finalists.PRIOR_COMPILE_GAIN),
+                                 ("fp32", finalists.PRIOR_COMPILE_GAIN_FP32)):
+            cfg.train.precision = precision
+            assert finalists.prior_compile_gain(cfg) == prior
+    assert finalists.PRIOR_COMPILE_GAIN_FP32 < finalists.PRIOR_COMPILE_GAIN
+
+
 def test_the_compile_gain_is_measured_on_the_leader_at_a_typical_gain_then_once_on_a_new_leader(monkeypatch):
     """Trials eager, full run compiled (the CPU space): the leader's full-run config is measured
     compiled against eager; if the plan's lead moves, the new leader's own gain is what applies."""

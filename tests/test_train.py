@@ -327,6 +327,11 @@ def test_cpu_precision_follows_the_hardware_unless_forced(monkeypatch):
     assert Hardware("cpu", cpu_bf16=True).auto_precision == "bf16" and Hardware("cpu").auto_precision == "fp32"
     assert Hardware("cuda", gpus=[GPU("NVIDIA H100", 80 << 30, (9, 0))]).auto_precision == "bf16"
     assert Hardware("cuda", gpus=[GPU("Tesla T4", 16 << 30, (7, 5))]).auto_precision == "fp16"
+    # the override that lets a bf16 CPU measure what an fp32-only CPU would do
+    from pipeline.hardware import cpu_has_native_bf16
+
+    monkeypatch.setenv("PUFFERFISH_CPU_BF16", "0")
+    assert cpu_has_native_bf16() is False
 
 
 def test_a_bf16_cpu_run_learns_keeps_fp32_weights_and_says_so(tiny_data, tmp_path):

@@ -360,9 +360,9 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
                         f"{ev.memory_limit / 2**30:.1f} GiB usable; use a smaller --space")
     compiles = making and gain_s > 0 and _full_run_compiles(rows[0], args, space, data)
     if compiles:  # the leaders are the compiled full run's: planned at a typical gain until it is measured
-        from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN
+        from pipeline.autotune.finalists import prior_compile_gain
 
-        ev.compile_gain = PRIOR_COMPILE_GAIN
+        ev.compile_gain = prior_compile_gain(_full_run(rows[0], args, space, data))
         rows = replan()
     if making and finals_s > 0 and _head_to_head(pipe, args, space, data, ev, rows, finals_s):
         rows = replan()
@@ -443,12 +443,13 @@ def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: fl
     if the lead moves, the new leader is measured once and its own gain applied (the chosen
     model's token count is what the gain decides), the first leader keeping its own
     (`Evidence.gain`). `rows` come planned at a typical gain
-    (`PRIOR_COMPILE_GAIN`), not at none: the leader picked at the eager speed was a size too
+    (`prior_compile_gain`), not at none: the leader picked at the eager speed was a size too
     small, and measuring the right one next cost a second cold compile, ~35 s of a 15-minute
     budget (session 28). Rows replanned."""
-    from pipeline.autotune.finalists import PRIOR_COMPILE_GAIN, compile_gain
+    from pipeline.autotune.finalists import compile_gain
     from pipeline.autotune.report import short
 
+    prior = ev.compile_gain  # what the leaders were planned at (`prior_compile_gain`)
     gains: dict[str, float | None] = {}
     for _ in range(2):
         best = rows[0]
@@ -467,7 +468,7 @@ def _compile_gain(pipe: Pipeline, args, space, data, ev, rows: list, seconds: fl
         log(f"compiled/eager, {short(best.candidate)} as the full run trains: {gain:.2f}× "
             f"(every candidate not measured so planned at its trials' speed × {gain:.2f})")
         rows = replan()
-    pipe.state["compile_gain"] = {"prior": PRIOR_COMPILE_GAIN, "measured": gains, "applied": ev.compile_gain}
+    pipe.state["compile_gain"] = {"prior": prior, "measured": gains, "applied": ev.compile_gain}
     return rows
 
 

@@ -103,11 +103,24 @@ def compile_gain_seconds(calibration_s: float) -> float:
     return min(15.0, 0.08 * calibration_s) if calibration_s >= 60 else 0.0
 
 
-# The gain the plan assumes before measuring, only to pick which leader to measure first: the
-# middle of what 2 cores showed, compiled over eager at the CPU space's sizes (cpu_compile,
-# cpu_precision): 1.20-1.38× on a Zen 4 in fp32, 1.60-2.07× on an Intel Xeon in fp32, 1.58-1.62×
-# on it for autotune's leaders in bf16 (session 28). The measured gain is what the plan applies.
+# The gain the plan assumes before measuring, only to pick which leader to measure first, by the
+# full run's precision on this CPU. bf16 autocast: 1.50-1.75x on a Zen 4 (cpu_precision), 1.53-1.81x
+# on an Intel Xeon with AMX (cpu_precision; autotune's leaders, sessions 28-30). fp32: 1.20-1.38x on
+# the Zen 4 (cpu_compile), 1.09-1.24x for autotune's leaders on the Xeon (session 34). A prior far
+# from the gain moves the lead once it is measured, and the second leader costs a second cold
+# compile: on the Xeon in fp32 the 1.5x prior cost 40 + 18 s of a 10-minute budget (session 34).
 PRIOR_COMPILE_GAIN = 1.5
+PRIOR_COMPILE_GAIN_FP32 = 1.2
+
+
+def prior_compile_gain(cfg) -> float:
+    """The prior for a full run `cfg` (a RunConfig) trained on this CPU."""
+    import torch
+
+    from pipeline.train.engine import autocast_dtype
+
+    bf16 = autocast_dtype(cfg.train.precision, torch.device("cpu")) == torch.bfloat16
+    return PRIOR_COMPILE_GAIN if bf16 else PRIOR_COMPILE_GAIN_FP32
 
 MIN_TIMED = 3  # steps of each timed after the warm-up: one step of each drifts ±15% on 2 cores
 
