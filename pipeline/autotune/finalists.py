@@ -122,6 +122,7 @@ def prior_compile_gain(cfg) -> float:
     bf16 = autocast_dtype(cfg.train.precision, torch.device("cpu")) == torch.bfloat16
     return PRIOR_COMPILE_GAIN if bf16 else PRIOR_COMPILE_GAIN_FP32
 
+
 MIN_TIMED = 3  # steps of each timed after the warm-up: one step of each drifts ±15% on 2 cores
 
 

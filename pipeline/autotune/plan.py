@@ -38,21 +38,22 @@ class ScalingLaw:
     The paper's 5.3 was fitted on models of 10M+ parameters; every CPU candidate is 10-60x the
     ~35k parameters the 1.3M-token embedded corpus "can train", where 5.3 caps them all at
     about the same effective size, so the planner kept the smallest model at every budget and
-    lost to the 30-minute hand grid's d128-L2 by 5% bpb. 16 (sessions 7-32) put the law's
-    d64-L2/d128-L2 crossover, at their measured grid speeds, where the 10- and 15-minute grids
-    cross (~790 s of training; `benchmarks/notes/law_check.md`). 50 (session 33) lets models up
-    to ~7M parameters, not ~2.2M, keep paying on that corpus: with the data cap falling with
-    size (`useful_tokens`), it chose d256-L4 at 9 epochs for a 30-minute autotune on a bf16
-    Xeon and finished 0.988x the bpb of 16's d192-L3 at 12.7 at each of two seeds; at 15
-    minutes both chose d192-L3; the stored grids' replay splits (`benchmarks/notes/
-    law_variants.md`, session 33)."""
+    lost to the 30-minute hand grid's d128-L2 by 5% bpb. 16 puts the law's d64-L2/d128-L2
+    crossover, at their measured grid speeds, where the 10- and 15-minute grids cross (~790 s
+    of training; `benchmarks/notes/law_check.md`). 50 (session 33 only) lets models up to ~7M
+    parameters, not ~2.2M, keep paying on that corpus: with the data cap falling with size
+    (`useful_tokens`) it chose d256-L4 for 30 minutes on a bf16 Xeon and finished 0.988x the
+    bpb of 16's d192-L3 at each of two seeds; but at 10 minutes in fp32 on the same CPU its
+    favourite moved with calibration noise to models 4.6-6.1% worse than 16's d128-L2, and one
+    autotune run finished 1.049x the grid's best (16: 1.008x). 16's worst measured cost (1.2%)
+    is the smaller (`benchmarks/notes/law_variants.md`, sessions 33-34)."""
     E: float = 1.8172
     A: float = 482.01
     B: float = 2085.43
     alpha: float = 0.3478
     beta: float = 0.3658
     r_star: float = 3.0      # R_D*: repeated-data decay (the paper: 15.4; see above)
-    r_star_params: float = 50.0  # R_N*: decay for excess parameters (the paper: 5.3; see above)
+    r_star_params: float = 16.0  # R_N*: decay for excess parameters (the paper: 5.3; see above)
     repeat_epochs: float = 18.0  # K: N parameters stop gaining from repeats at K·√(U/N) epochs
 
     def loss(self, n_params: float, tokens: float, unique_tokens: float | None = None) -> float:
