@@ -280,8 +280,9 @@ def summarise(minutes, arms_done: dict, on: tuple[str, str] | None = None, name:
                        for r in rows if "compiled_autotune_bpb" in r)
     summary += "".join(f"; {r['budget_min']} min: {_x(r['autotune_over_fp32_autotune'])} the fp32 autotune's "
                        f"{r['fp32_autotune_bpb']}" for r in rows if "fp32_autotune_bpb" in r)
-    # fp32 forced on a bf16 CPU (pipeline.hardware.cpu_has_native_bf16): the command says so
-    forced = "PUFFERFISH_CPU_BF16=0 " if os.environ.get("PUFFERFISH_CPU_BF16", "").strip() == "0" else ""
+    from pipeline.hardware import cpu_bf16_switched_off
+
+    forced = "PUFFERFISH_CPU_BF16=0 " if cpu_bf16_switched_off() else ""  # fp32 forced: the command says so
     return save(name, rows, summary, GOAL, ok, f"{forced}python -m benchmarks run {name}", on=on)
 
 

@@ -95,6 +95,11 @@ def nvml_gpus() -> list[GPU]:
         pynvml.nvmlShutdown()
 
 
+def cpu_bf16_switched_off() -> bool:
+    """PUFFERFISH_CPU_BF16=0: treat this CPU as one without bf16 (see `cpu_has_native_bf16`)."""
+    return os.environ.get("PUFFERFISH_CPU_BF16", "").strip() == "0"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, as PyTorch's cpuinfo
     reports). There oneDNN's bf16 matmuls ran 2.0-3.4x the fp32 rate on a 2-core EPYC (Zen 4),
@@ -104,7 +109,7 @@ def cpu_has_native_bf16() -> bool:
     run alike, so one machine can measure what an fp32-only CPU would choose."""
     import torch
 
-    if os.environ.get("PUFFERFISH_CPU_BF16", "").strip() == "0":
+    if cpu_bf16_switched_off():
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the guard
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
