@@ -70,7 +70,14 @@ def autotune_row(minutes: float, wall_s: float, run_dir: Path, data: str | None 
     command = f"pipeline.autotune --minutes {minutes:g}" + (f" --data {Path(data).name}" if data else "")
     return {"command": command, "budget_s": minutes * 60, "wall_s": round(wall_s, 1),
             "ratio": round(wall_s / (minutes * 60), 4), "calibration_share": round(calib / (minutes * 60), 4),
-            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}, "data_limited": data_limited(state)}
+            "timings_s": {k: round(v, 1) for k, v in state["timings"].items()}, "parts_s": parts_s(state),
+            "data_limited": data_limited(state)}
+
+
+def parts_s(state: dict) -> dict:
+    """The named parts inside the stages (the plan's measurements; the full run's compile,
+    evaluation and checkpoints), as the summary shows them."""
+    return {stage: {k: round(v, 1) for k, v in named.items()} for stage, named in state.get("parts", {}).items()}
 
 
 def data_limited(state: dict) -> bool:

@@ -147,7 +147,7 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
                               capture_output=True, text=True, env=cold_compile_env(tmp))
         if auto.returncode != 0:
             raise RuntimeError(auto.stderr[-2000:])
-        from benchmarks.deadline import data_limited
+        from benchmarks.deadline import data_limited, parts_s
 
         state = json.loads((tmp / "auto" / "pipeline.json").read_text())
         return {"bpb": round(state["stages"]["train"]["val_bpb"], 4), "tokens": state["stages"]["train"]["tokens"],
@@ -155,7 +155,7 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
                 "choice": state["stages"]["plan"]["chosen"],
                 "wall_over_budget": round((time.monotonic() - started) / (minutes * 60), 4),
                 "timings_s": {k: round(v, 1) for k, v in state["timings"].items()},
-                "data_limited": data_limited(state)}  # stopped early at the data's useful tokens
+                "parts_s": parts_s(state), "data_limited": data_limited(state)}  # stopped early at the data's useful tokens
     if arm == "table":
         cfg = table_config(minutes / 60, vocab)
         return _train(cfg, minutes, tmp / "table", seed, compiled) | {"data_fraction": cfg["train"]["data_fraction"]}

@@ -91,6 +91,9 @@ def test_autotune_interrupt_resume_register_generate(tmp_path, isolated_home, ra
     assert oom and all(t.data.params["n_heads"] == "4" and t.data.params["n_layers"] == "2" for t in oom)
     artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"plan.json", "plan.txt", "frontier.png", "loss_curve.png"} <= artifacts
+    # where the time went: the stages, and the full run's overheads inside its stage
+    assert {"time_plan_s", "time_train_s", "time_train_compile_s", "time_train_evaluation_s"} <= set(parent.data.metrics)
+    assert 0 < parent.data.metrics["time_train_evaluation_s"] < parent.data.metrics["time_train_s"]
     full = next(c for c in children if c.data.tags.get("pufferfish.kind") == "train")
     assert full.info.status == "FINISHED" and "final_val_bpb" in full.data.metrics
 

@@ -769,6 +769,26 @@ def test_the_compile_gain_is_measured_on_the_leader_at_a_typical_gain_then_once_
     assert measured == [] and ev.compile_gain == 1.0 and rows[0].key == eager[0].key
 
 
+def test_where_the_time_went_shows_each_stage_and_the_parts_inside_it(tmp_path):
+    """The summary's time line: a stage's named parts (the plan's measurements, the full run's
+    compile and evaluation) are timed into the pipeline state and shown inside the stage."""
+    from pipeline.autotune.__main__ import Pipeline, where_the_time_went
+
+    pipe = Pipeline(tmp_path, 600.0, {})
+    with pipe.part("plan", "compile gain"):
+        time.sleep(0.05)
+    with pipe.part("plan", "compile gain"):  # a second measurement adds to the first
+        time.sleep(0.05)
+    pipe.finish("plan", {})
+    parts = json.loads((tmp_path / "pipeline.json").read_text())["parts"]
+    assert 0.1 <= parts["plan"]["compile gain"] <= pipe.state["timings"]["plan"]
+    line = where_the_time_went({"calibrate": 61.2, "plan": 35.4, "train": 480.0},
+                               {"plan": {"finalists": 16.0, "compile gain": 18.7},
+                                "train": {"compile": 2.6, "evaluation": 9.1, "checkpoints": 1.2}})
+    assert line == ("calibrate 61s, plan 35s (finalists 16s, compile gain 19s), "
+                    "train 480s (compile 3s, evaluation 9s, checkpoints 1s)")
+
+
 @pytest.mark.slow
 def test_the_compile_gain_is_compiled_over_eager_tokens_per_s_and_none_when_a_side_fails(tiny_data, monkeypatch):
     from conftest import tiny_run_config

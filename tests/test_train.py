@@ -33,6 +33,10 @@ def test_tiny_model_learns_and_validation_bpb_falls(tiny_data, tmp_path):
     assert res.stopped == "tokens" and res.steps == 120
     assert res.final_val_bpb < 0.8 * bpb_before
     assert (tmp_path / "model" / "hf" / "config.json").is_file()
+    # where its time went, for the autotune summary: every validation pass (the final one among
+    # them) and every save (the final model folders among them), inside the run's own time
+    assert 0 < res.final_eval_s <= res.eval_s and res.checkpoint_s > 0
+    assert res.eval_s + res.checkpoint_s < res.elapsed_s
     assert (tmp_path / "model" / "native" / "tokenizer.json").is_file()
 
 

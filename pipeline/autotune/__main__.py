@@ -60,6 +60,17 @@ class Pipeline:
         self.state["stages"][stage] = payload
         self.save()
 
+    @contextlib.contextmanager
+    def part(self, stage: str, name: str):
+        """Time a part of `stage`, shown inside that stage's time in the summary (a stage's own
+        time is taken when it finishes)."""
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            parts = self.state.setdefault("parts", {}).setdefault(stage, {})
+            parts[name] = parts.get(name, 0.0) + time.monotonic() - t
+
     def save(self) -> None:
         self.state.update(budget_s=self.budget_s, args=self.args,
                           elapsed_s=self.elapsed_before + time.monotonic() - STARTED)
@@ -364,10 +375,13 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
 
         ev.compile_gain = prior_compile_gain(_full_run(rows[0], args, space, data))
         rows = replan()
-    if making and finals_s > 0 and _head_to_head(pipe, args, space, data, ev, rows, finals_s):
-        rows = replan()
+    if making and finals_s > 0:
+        with pipe.part("plan", "finalists"):
+            if _head_to_head(pipe, args, space, data, ev, rows, finals_s):
+                rows = replan()
     if compiles:
-        rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
+        with pipe.part("plan", "compile gain"):
+            rows = _compile_gain(pipe, args, space, data, ev, rows, gain_s, replan)
         parent.log_metrics({"compile_gain": ev.compile_gain}, step=0)
     elif not making:  # the plan redone on resume uses the gains measured before
         done = pipe.state.get("compile_gain", {})
@@ -375,14 +389,16 @@ def fit_and_choose(pipe: Pipeline, args, hw, space, data, records: list, ctx: di
         ev.compile_gains = {k: g for k, g in done.get("measured", {}).items() if g}
     best = rows[0]
     if making and not best.measured:
-        best = _verify_choice(pipe, space, ev, rows, ctx, exp, parent, pipe.left() - reserve)
+        with pipe.part("plan", "verify"):
+            best = _verify_choice(pipe, space, ev, rows, ctx, exp, parent, pipe.left() - reserve)
         if best is None:  # measured: plan again with the new reading
             rows = replan()
             best = rows[0]
     workers = args.workers or pipe.state.get("workers") or _cluster_gpus() or 1
     pipe.state["workers"] = workers
     if workers > 1 and making:
-        _measure_scaling(pipe, args, hw, space, data, ev, best, workers)
+        with pipe.part("plan", "scaling"):
+            _measure_scaling(pipe, args, hw, space, data, ev, best, workers)
         rows = replan()
         best = rows[0]
     planned = Plan(rows=rows, best=best, reason=why(best, rows), predicted_tps=ev.gain(best.key) * ev.throughput.tokens_per_s(
@@ -571,6 +587,10 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
             result = result_dict(res)
     except Interrupted:
         raise KeyboardInterrupt from None
+    # the full run's own overheads, inside the train stage's time (the last process's, on resume)
+    pipe.state.setdefault("parts", {})["train"] = {"compile": result.get("compile_s", 0.0),
+                                                   "evaluation": result.get("eval_s", 0.0),
+                                                   "checkpoints": result.get("checkpoint_s", 0.0)}
     pipe.finish("train", {"run_id": run_id, "val_bpb": result["final_val_bpb"],
                           "tokens_per_s": result["tokens_per_s"], "tokens": result["tokens"],
                           "compute_dtype": result.get("compute_dtype", "fp32"),
@@ -598,11 +618,13 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
     pipe.finish("register", asdict(reg))
     for p in plots(pipe.run_dir, planned.fit_points, planned.rows, planned.best, result["loss_trace"]):
         parent.log_artifact(p)
-    timings = pipe.state["timings"]
+    timings, parts = pipe.state["timings"], pipe.state.get("parts", {})
     total = pipe.elapsed_before + time.monotonic() - STARTED
     parent.log_metrics({"val_bpb": result["final_val_bpb"], "achieved_tokens_per_s": result["tokens_per_s"],
                         "wall_s": total, "wall_over_budget": total / pipe.budget_s,
-                        **{f"time_{k}_s": v for k, v in timings.items()}}, step=1)
+                        **{f"time_{k}_s": v for k, v in timings.items()},
+                        **{f"time_{stage}_{name.replace(' ', '_')}_s": v
+                           for stage, named in parts.items() for name, v in named.items()}}, step=1)
     parent.end("FINISHED")
     uri = tracking.resolve_uri(args.mlflow_uri)
     # the space's compile_full_run: planned at the eager trials' speed × the measured compile gain
@@ -618,10 +640,19 @@ def register_and_report(pipe: Pipeline, args, hw, data, parent, planned: Plan, c
         + {"tokens": f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: data-limited, ended early)",
            "overfit": f" ({result['tokens'] / data.unique_train_tokens:.1f} epochs: validation bpb rose, so the "
                       "learning rate cooled down early and the run ended)"}.get(result.get("stopped"), "") + "\n"
-        "  time       " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + "\n"
+        f"  time       {where_the_time_went(timings, parts)}\n"
         f"  registry   {reg.model_uri} — {reg.reason}\n"
         f"  MLflow UI  mlflow ui --backend-store-uri {uri}\n"
         f"  generate   python -m pipeline.generate --model models:/{reg.name}@champion --prompt \"The\"")
+
+
+def where_the_time_went(timings: dict, parts: dict) -> str:
+    """Each stage's seconds, with the named parts of a stage in brackets (the plan's
+    measurements; the full run's compile, evaluation and checkpoints)."""
+    def stage(k, v):
+        inner = ", ".join(f"{name} {s:.0f}s" for name, s in parts.get(k, {}).items())
+        return f"{k} {v:.0f}s" + (f" ({inner})" if inner else "")
+    return ", ".join(stage(k, v) for k, v in timings.items())
 
 
 def _cluster_gpus() -> int:

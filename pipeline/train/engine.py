@@ -71,7 +71,9 @@ class TrainResult:
     compute_dtype: str = "fp32"        # what the matmuls ran in: fp32, or bf16/fp16 autocast
     reserve_s: float = 0.0
     final_eval_s: float = 0.0
-    save_s: float = 0.0
+    save_s: float = 0.0                # the longest checkpoint save (what the reserve is sized by)
+    eval_s: float = 0.0                # every validation pass, the first and the final included
+    checkpoint_s: float = 0.0          # every checkpoint saved and the final model folders
     model_dir: str | None = None
     run_dir: str | None = None
 
@@ -481,12 +483,14 @@ class Trainer:
         if not self.trial:
             t = time.monotonic()
             _, bpb0, n = self.evaluate(tc.eval_tokens) if self.evaluates else (0.0, 0.0, 1)
+            res.eval_s += time.monotonic() - t
             per_token = (time.monotonic() - t) / n
             val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
             res.final_eval_s = per_token * val_tokens
             if self.step == 0:
                 self.train_from = self.elapsed()
                 res.save_s = self.save_checkpoint()  # the rollback point, and a measured save time
+                res.checkpoint_s += res.save_s
             # final work: full-split eval + a checkpoint + native and HF model folders
             reserve = 1.2 * (res.final_eval_s + 3 * max(res.save_s, 0.05)) + 0.5
             reserve = self._broadcast([reserve])[0]  # every rank plans with rank 0's reserve
@@ -524,14 +528,17 @@ class Trainer:
                 if do_eval:
                     last_eval = now
                     if self.evaluates:
+                        t = time.monotonic()
                         val_loss, bpb, _ = self.evaluate(tc.eval_tokens)
+                        res.eval_s += time.monotonic() - t
                         self._log_metrics({"val_loss": val_loss, "val_bpb": bpb})
                         display.note(f"step {self.step}: val bpb {bpb:.4f}")
                     if tc.stop_on_overfit:
                         self._watch_overfit(bpb if self.evaluates else math.nan, p, display)
                 if do_ckpt:
                     last_ckpt = now
-                    res.save_s = max(res.save_s, self.save_checkpoint())
+                    saved = self.save_checkpoint()
+                    res.save_s, res.checkpoint_s = max(res.save_s, saved), res.checkpoint_s + saved
                 if stop == "signal":
                     self.save_checkpoint()
                     self.loader.close()
@@ -687,15 +694,18 @@ class Trainer:
         res.mfu = self._mfu(res.tokens_per_s)
         if self.trial:
             return
-        self.save_checkpoint()
+        res.checkpoint_s += self.save_checkpoint()
         if res.stopped == "steps" or not self.evaluates:
             return
         t = time.monotonic()
         res.final_val_loss, res.final_val_bpb, _ = self.evaluate(tc.final_eval_tokens)
         res.final_eval_s = time.monotonic() - t
+        res.eval_s += res.final_eval_s
         if self.run_dir is not None:
+            t = time.monotonic()
             model_dir = self.save_model(self.run_dir / "model")
             res.model_dir = str(model_dir) if model_dir else None
+            res.checkpoint_s += time.monotonic() - t
         if not self.is_main:
             return
         res.elapsed_s = self.elapsed()
