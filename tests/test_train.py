@@ -524,6 +524,22 @@ def test_resume_refuses_non_checkpoint_and_other_config(tiny_data, tmp_path):
         make(tiny_data, Budget(tokens=4 * 1024), run_dir=tmp_path, cfg=other, resume=True)
 
 
+def test_a_deadline_and_a_token_budget_combine_on_the_command_line():
+    """`--minutes 30 --tokens N`: whichever comes first (a fixed configuration on a small corpus,
+    stopped at the most tokens worth training, as autotune's full run is); two deadlines do not."""
+    import argparse
+
+    from pipeline.train.__main__ import add_budget_args, budget_from_args
+
+    p = argparse.ArgumentParser()
+    add_budget_args(p)
+    both = budget_from_args(p.parse_args(["--minutes", "30", "--tokens", "5000"]))
+    assert (both.seconds, both.tokens) == (1800, 5000)
+    assert (budget_from_args(p.parse_args(["--tokens", "5000"])).seconds, budget_from_args(p.parse_args([]))) == (None, None)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--minutes", "3", "--hours", "1"])
+
+
 def test_train_cli_refuses_existing_run_folder_and_missing_budget(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("x: 1")

@@ -1,5 +1,6 @@
 """`python -m pipeline.train --config run.yaml --minutes M`: train one configuration to a
-deadline (or `--tokens N`), with checkpoints, resume and MLflow logging."""
+deadline (or `--tokens N`, or both: whichever comes first), with checkpoints, resume and MLflow
+logging."""
 from __future__ import annotations
 
 import time
@@ -34,17 +35,17 @@ def add_budget_args(p: argparse.ArgumentParser, tokens: bool = True) -> None:
     g.add_argument("--hours", type=positive(float))
     g.add_argument("--minutes", type=positive(float))
     if tokens:
-        g.add_argument("--tokens", type=positive(int), help="token budget instead of a deadline")
+        p.add_argument("--tokens", type=positive(int),
+                       help="token budget: instead of a deadline, or with one (whichever comes first; the "
+                            "schedule follows the one that binds)")
 
 
 def budget_from_args(args) -> Budget | None:
-    if args.hours:
-        return Budget(seconds=args.hours * 3600)
-    if args.minutes:
-        return Budget(seconds=args.minutes * 60)
-    if getattr(args, "tokens", None):
-        return Budget(tokens=args.tokens)
-    return None
+    seconds = args.hours * 3600 if args.hours else args.minutes * 60 if args.minutes else None
+    tokens = getattr(args, "tokens", None)
+    if seconds is None and tokens is None:
+        return None
+    return Budget(seconds=seconds, tokens=tokens)
 
 
 @cli
