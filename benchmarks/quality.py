@@ -178,8 +178,8 @@ def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0
     if arm.startswith("grid:") and arm[5:] in GRID:
         # Compiled (the engine as autotune's full run trains): with its data cap too, so that the
         # grid differs from autotune in the choice alone. Uncapped, a 30-minute d256-L4 trained 12.5
-        # epochs of the embedded corpus to 1.5049 where autotune's run of it, stopped at 9.1, reached
-        # 1.4661-1.4703 (sessions 31 and 33, Xeon): the grid's best was a weaker bar than the grid.
+        # epochs of the embedded corpus to 1.5049 (session 31, Xeon); stopped at its cap, 9.05
+        # epochs, 1.4661-1.4710 (autotune's runs of it in session 33, this arm in session 35).
         cfg = grid_config(arm[5:], vocab)
         return _train(cfg, minutes, tmp / arm[5:], seed, compiled, data_cap(cfg["model"], data) if compiled else None)
     raise SystemExit(f"error: unknown arm {arm!r}; choose autotune, table, nanochat or grid:<{'|'.join(GRID)}>")
