@@ -483,8 +483,9 @@ class Trainer:
         if not self.trial:
             t = time.monotonic()
             _, bpb0, n = self.evaluate(tc.eval_tokens) if self.evaluates else (0.0, 0.0, 1)
-            res.eval_s += time.monotonic() - t
-            per_token = (time.monotonic() - t) / n
+            spent = time.monotonic() - t
+            res.eval_s += spent
+            per_token = spent / n
             val_tokens = min(len(self.data.tokens("val")), tc.final_eval_tokens)
             res.final_eval_s = per_token * val_tokens
             if self.step == 0:
