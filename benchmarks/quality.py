@@ -141,10 +141,10 @@ def _train(cfg: dict, minutes: float, out: Path, seed: int = 0, compiled: bool =
 def data_cap(model: dict, data) -> int:
     """The most tokens worth training `model` (a grid config's model section) on `data`: the cap
     autotune's full run stops at (`ScalingLaw.useful_tokens`, by the model's size)."""
-    from model.config import ModelConfig, param_counts
-    from pipeline.autotune.plan import ScalingLaw
+    from model.config import ModelConfig
+    from pipeline.autotune.plan import token_cap
 
-    return int(ScalingLaw().useful_tokens(data.unique_train_tokens, param_counts(ModelConfig(**model))["active"]))
+    return token_cap(ModelConfig(**model), data.unique_train_tokens)
 
 
 def run_arm(arm: str, minutes: float, data, vocab: int, tmp: Path, seed: int = 0, compiled: bool = False) -> dict:

@@ -535,7 +535,7 @@ def _measure_scaling(pipe: Pipeline, args, hw, space, data, ev, best, workers: i
 # 6. train -----------------------------------------------------------------------------------
 def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     """The full run to the deadline (resumed from its checkpoint after an interruption)."""
-    from pipeline.autotune.plan import ScalingLaw
+    from pipeline.autotune.plan import ScalingLaw, token_cap
     from pipeline.autotune.report import short
     from pipeline.autotune.space import full_run_config
     from pipeline.train.config import apply_overrides
@@ -557,7 +557,7 @@ def train_full(pipe: Pipeline, args, hw, space, data, parent, planned: Plan):
     # model's size, so it is the one that trains, `--set` overrides included
     law = ScalingLaw()
     n_params = param_counts(cfg.model)["active"]
-    cap = int(law.useful_tokens(data.unique_train_tokens, n_params))
+    cap = token_cap(cfg.model, data.unique_train_tokens, law)
     if not resume_full and sys.stdin.isatty() and not args.yes and seconds > 1800:
         answer = input(f"launch a {seconds / 3600:.1f} h run of {short(chosen)}? [Y/n] ").strip().lower()
         if answer not in ("", "y", "yes"):

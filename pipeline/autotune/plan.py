@@ -128,6 +128,12 @@ def effective_params(n_params: float, useful: float, r_star: float) -> float:
     return _saturating(useful, n_params / useful - 1.0, r_star)
 
 
+def token_cap(model_cfg, unique_tokens: float, law: ScalingLaw = ScalingLaw()) -> int:
+    """The most tokens a full run of `model_cfg` (a ModelConfig) trains on `unique_tokens`:
+    `useful_tokens` at its active parameters (autotune's full run; the quality benchmark's grid)."""
+    return int(law.useful_tokens(unique_tokens, param_counts(model_cfg)["active"]))
+
+
 def law_params(shape: Shape) -> int:
     """N for the law: the parameters a token passes through (tied head counted once)."""
     return param_counts(shape.model)["active"]
