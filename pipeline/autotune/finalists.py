@@ -55,14 +55,17 @@ def rescaled(predicted: dict[str, float], measured: dict[str, float]) -> dict[st
 
 
 def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], None] = print,
-                      clock: Callable[[], float] = time.monotonic, min_timed: int = 1) -> dict[str, float]:
+                      clock: Callable[[], float] = time.monotonic, min_timed: int = 1,
+                      timed_window: bool = False) -> dict[str, float]:
     """Tokens/s of each RunConfig in `configs` (key → config), measured by interleaving their
     optimizer steps for `seconds` (and for at least `min_timed` steps after the warm-up, however
-    long that takes). A config that fails to build or step (out of memory) gets 0."""
+    long that takes). `timed_window`: the `seconds` start after the warm-up, so that a warm-up
+    that holds a compile cannot use them up. A config that fails to build or step (out of
+    memory) gets 0."""
     from pipeline.train.engine import Trainer
     from pipeline.train.schedule import Budget
 
-    end = clock() + seconds  # building the trainers is part of the time
+    end = clock() + seconds  # building the trainers is part of the time (unless timed_window)
     trainers, times = {}, {}
     for key, cfg in configs.items():
         try:
@@ -88,6 +91,8 @@ def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], 
                 if rounds >= WARMUP_STEPS:
                     times[key].append(clock() - start)
             rounds += 1
+            if timed_window and rounds == WARMUP_STEPS:
+                end = clock() + seconds
     finally:
         for trainer in trainers.values():
             trainer.loader.close()
@@ -97,7 +102,9 @@ def interleaved_rates(configs: dict, data, seconds: float, log: Callable[[str], 
 
 def compile_gain_seconds(calibration_s: float) -> float:
     """The time one compiled/eager measurement (`compile_gain`) is given out of the calibration
-    share; a cold compile can take longer, and the measurement then runs over (`MIN_TIMED`).
+    share: its timed steps, after the warm-up. The warm-up holds the compile (2-50 s cold on 2
+    cores), which is the full run's own paid early (its graph, from Inductor's cache, then
+    compiles in ~0.5 s; benchmarks/notes/cpu_compile.md, session 35).
     None (0) below a minute of calibration (budgets under 10 minutes): a compile alone takes
     2-11 s on 2 cores, which the trials need more; such plans stay at the eager trials' speed."""
     return min(15.0, 0.08 * calibration_s) if calibration_s >= 60 else 0.0
@@ -137,7 +144,11 @@ def compile_gain(cfg, data, seconds: float, log: Callable[[str], None] = print,
 
     eager, compiled = copy.deepcopy(cfg), copy.deepcopy(cfg)
     eager.train.compile, compiled.train.compile = False, True
-    rates = interleaved_rates({"eager": eager, "compiled": compiled}, data, seconds, log, clock, MIN_TIMED)
+    # the window after the compile: counted from the start, a cold compile (50 s) used it up and
+    # left MIN_TIMED steps of each, whose median read 1.20x where other readings on the same
+    # instance read 1.33-1.44x, and the plan chose a size below the grid's best (session 36)
+    rates = interleaved_rates({"eager": eager, "compiled": compiled}, data, seconds, log, clock, MIN_TIMED,
+                              timed_window=True)
     if rates["eager"] <= 0 or rates["compiled"] <= 0:
         return None
     return rates["compiled"] / rates["eager"]
