@@ -773,7 +773,7 @@ def test_the_compile_gain_is_timed_after_the_compile_not_in_a_window_it_used_up(
     """A cold compile (30 s here) inside the first compiled step must not leave the measurement
     only its minimum of timed steps: the window counts from the end of the warm-up, so the
     ratio is a median over the whole window (session 36: a 3-step median read 1.20x where the
-    instance's gain was 1.33-1.44x)."""
+    instance's gain read 1.30-1.44x)."""
     import copy
     import types
 

@@ -146,7 +146,7 @@ def compile_gain(cfg, data, seconds: float, log: Callable[[str], None] = print,
     eager.train.compile, compiled.train.compile = False, True
     # the window after the compile: counted from the start, a cold compile (50 s) used it up and
     # left MIN_TIMED steps of each, whose median read 1.20x where other readings on the same
-    # instance read 1.33-1.44x, and the plan chose a size below the grid's best (session 36)
+    # instance read 1.30-1.44x, and the plan chose a size below the grid's best (session 36)
     rates = interleaved_rates({"eager": eager, "compiled": compiled}, data, seconds, log, clock, MIN_TIMED,
                               timed_window=True)
     if rates["eager"] <= 0 or rates["compiled"] <= 0:
