@@ -780,14 +780,17 @@ def test_the_compile_gain_is_timed_after_the_compile_not_in_a_window_it_used_up(
     from pipeline.autotune import finalists
     from pipeline.train import engine
 
-    now = [0.0]
-    eager_steps = iter([0.7, 0.7] + [0.7, 0.9, 0.9, 0.9] + [0.7] * 100)  # a slow patch at the start
-    compiled_steps = iter([30.0, 0.5] + [0.9, 0.9, 0.9] + [0.5] * 100)   # of the timed steps
+    def restart():  # the clock at 0 and each side's step times from the first; a slow patch
+        now[0] = 0.0  # at the start of the timed steps, after two warm-up steps
+        steps[False] = iter([0.7, 0.7] + [0.7, 0.9, 0.9, 0.9] + [0.7] * 100)
+        steps[True] = iter([30.0, 0.5] + [0.9, 0.9, 0.9] + [0.5] * 100)
+
+    now, steps = [0.0], {}
 
     class FakeTrainer:
         def __init__(self, cfg, *args, **kwargs):
             self.cfg, self.tokens_per_step = cfg, 8192
-            self.steps = compiled_steps if cfg.train.compile else eager_steps
+            self.steps = steps[cfg.train.compile]
             self.loader = types.SimpleNamespace(close=lambda: None)
 
         def train_step(self, lr):
@@ -800,11 +803,10 @@ def test_the_compile_gain_is_timed_after_the_compile_not_in_a_window_it_used_up(
     eager.train.compile, compiled.train.compile = False, True
     configs = {"eager": eager, "compiled": compiled}
     # counted from the start, as the finalists' head-to-head is: the compile spends the 20 s
+    restart()
     old = finalists.interleaved_rates(configs, None, 20.0, clock=lambda: now[0], min_timed=3)
     assert math.isclose(old["compiled"] / old["eager"], 1.0)  # the slow patch's median: no gain seen
-    now[0] = 0.0
-    eager_steps = iter([0.7, 0.7] + [0.7, 0.9, 0.9, 0.9] + [0.7] * 100)
-    compiled_steps = iter([30.0, 0.5] + [0.9, 0.9, 0.9] + [0.5] * 100)
+    restart()
     gain = finalists.compile_gain(cfg, None, 20.0, log=lambda *_: None, clock=lambda: now[0])
     assert math.isclose(gain, 0.7 / 0.5)  # 20 s of timed rounds after the compile: the steady ratio
 
