@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 
 from benchmarks.common import save
-from benchmarks.turns import in_turns
+from benchmarks.turns import in_turns, over_windows
 
 # d128-L3 (session 37): autotune chooses between it and d128-L2 at 15 minutes
 SHAPES = {"d64-L2": {"n_heads": 1, "n_layers": 2}, "d128-L2": {"n_heads": 2, "n_layers": 2},
@@ -35,12 +35,9 @@ def run(seconds: float = 25.0, windows: int = 2):
             if i % 2:
                 sides = dict(reversed(sides.items()))
             runs.append(in_turns(sides, seconds))
-        eager = statistics.median(r["eager"]["tokens_per_s"] for r in runs)
-        comp = statistics.median(r["compiled"]["tokens_per_s"] for r in runs)
+        eager, comp, per_window = over_windows(runs, "eager", "compiled")
         rows.append({"model": name, "eager_tokens_per_s": round(eager), "compiled_tokens_per_s": round(comp),
-                     "speedup": round(comp / eager, 3),
-                     "per_window": ", ".join(f"{r['compiled']['tokens_per_s'] / r['eager']['tokens_per_s']:.2f}"
-                                             for r in runs),
+                     "speedup": round(comp / eager, 3), "per_window": per_window,
                      "compile_s": round(statistics.median(r["compiled"]["compile_s"] for r in runs), 1)})
     summary = "compiled/eager training tokens/s, each alone in its own process, in turns: " + ", ".join(
         f"{r['model']} {r['speedup']:.2f}× (compile {r['compile_s']:.0f} s)" for r in rows)

@@ -11,10 +11,8 @@ only the autocast region differs.
 What it buys in bpb at equal tokens and at equal time is in benchmarks/notes/cpu_precision.md."""
 from __future__ import annotations
 
-import statistics
-
 from benchmarks.common import save
-from benchmarks.turns import in_turns
+from benchmarks.turns import in_turns, over_windows
 
 # the two shapes autotune chooses between most (d128-L2) and the 30-minute grid's best (d192-L3)
 SHAPES = {"d128-L2": {"n_heads": 2, "n_layers": 2}, "d192-L3": {"n_heads": 3, "n_layers": 3}}
@@ -33,13 +31,10 @@ def run(seconds: float = 25.0, windows: int = 2):
                 for p in order:  # each side did use the precision asked for
                     assert r[p]["compute_dtype"] == p, r
                 runs.append(r)
-            fp32 = statistics.median(r["fp32"]["tokens_per_s"] for r in runs)
-            bf16 = statistics.median(r["bf16"]["tokens_per_s"] for r in runs)
+            fp32, bf16, per_window = over_windows(runs, "fp32", "bf16")
             rows.append({"model": name, "step": "compiled" if compiled else "eager",
                          "fp32_tokens_per_s": round(fp32), "bf16_tokens_per_s": round(bf16),
-                         "speedup": round(bf16 / fp32, 3),
-                         "per_window": ", ".join(f"{r['bf16']['tokens_per_s'] / r['fp32']['tokens_per_s']:.2f}"
-                                                 for r in runs)})
+                         "speedup": round(bf16 / fp32, 3), "per_window": per_window})
     native = "native bf16" if cpu_has_native_bf16() else "no native bf16: auto trains fp32 here"
     summary = f"bf16/fp32 training tokens/s ({native}), each alone in its own process, in turns: " + ", ".join(
         f"{r['model']} {r['step']} {r['speedup']:.2f}×" for r in rows)

@@ -40,8 +40,6 @@ WARMUP_STEPS = 2  # the first holds the compile; the second is still slower (all
 def _serve(conn, shape: dict, compiled: bool, precision: str | None) -> None:
     """One side: build, warm up (timed: the first step holds the compile), then train `n` steps
     each time the parent sends `n`, until it sends 0."""
-    import torch
-
     trainer = None
     try:
         trainer = cpu_space_trainer(shape, compiled, precision)
@@ -51,8 +49,8 @@ def _serve(conn, shape: dict, compiled: bool, precision: str | None) -> None:
             start = time.perf_counter()
             trainer.train_step(lr)
             warm.append(time.perf_counter() - start)
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer.amp_dtype, "fp32")
-        conn.send({"tokens_per_step": trainer.tokens_per_step, "warmup_s": warm, "compute_dtype": dtype})
+        conn.send({"tokens_per_step": trainer.tokens_per_step, "warmup_s": warm,
+                   "compute_dtype": trainer.result.compute_dtype})
         while n := conn.recv():
             times = []
             for _ in range(n):
@@ -119,3 +117,11 @@ def in_turns(sides: dict[str, tuple[dict, bool, str | None]], seconds: float, bl
                    "steps": len(times[name]), "compute_dtype": info[name]["compute_dtype"],
                    "step_s": times[name]}
             for name in sides}
+
+
+def over_windows(runs: list[dict], base: str, other: str) -> tuple[float, float, str]:
+    """Several `in_turns` windows of the same two sides: each side's median tokens/s over the
+    windows, and each window's other/base ratio ("1.29, 1.31")."""
+    rate = {side: statistics.median(r[side]["tokens_per_s"] for r in runs) for side in (base, other)}
+    per_window = ", ".join(f"{r[other]['tokens_per_s'] / r[base]['tokens_per_s']:.2f}" for r in runs)
+    return rate[base], rate[other], per_window
